@@ -85,6 +85,7 @@ def validate_attack_args(epsilon, step_size, steps, prob_start_from_clean):
 
 def label_ids(labels: tf.Tensor) -> tf.Tensor:
   """Integer class ids from int labels [B] or one-hot/smoothed labels [B, C]."""
+  labels = tf.convert_to_tensor(labels)
   if labels.shape.rank is not None and labels.shape.rank >= 2:
     return tf.argmax(labels, axis=-1, output_type=tf.int32)
   return tf.cast(tf.reshape(labels, [-1]), tf.int32)
@@ -127,7 +128,7 @@ def pgd_attack(logits_fn: Callable[[tf.Tensor], tf.Tensor],
     float [B, H, W, C] in [0, 1] with |x_adv - images|_inf <= epsilon, no
     gradient path back to `images` (stop_gradient).
   """
-  images = tf.stop_gradient(images)
+  images = tf.stop_gradient(tf.convert_to_tensor(images))
   seed = tf.cast(seed, tf.int32)
   batch_seed = seed if batch_seed is None else tf.cast(batch_seed, tf.int32)
   eps = tf.cast(config.epsilon, images.dtype)

@@ -113,7 +113,7 @@ class ConAdvModel(keras.Model):
                        f"dict or None, got {type(adversary).__name__}.")
     self.backbone = backbone
     self.adversary = adversary
-    self._stale_slots = []  # [tau][num_trainable] Keras weights.
+    self._stale_buffer = []  # tau * num_trainable Keras variables.
     self.clean_loss_tracker = keras.metrics.Mean(name="clean_loss")
     self.adv_loss_tracker = keras.metrics.Mean(name="adv_loss")
     self.clean_accuracy_tracker = keras.metrics.Mean(name="clean_accuracy")
@@ -140,20 +140,31 @@ class ConAdvModel(keras.Model):
       keras.src.backend.compute_output_spec(
           lambda x, r=route: self.backbone(x, training=True, bn_route=r), spec)
     if self.delay:
-      for slot in range(self.delay):
-        self._stale_slots.append([
-            self.add_weight(
-                shape=v.shape, dtype=v.dtype, initializer="zeros",
+      # ON_READ + ONLY_FIRST_REPLICA: every replica keeps and writes its own
+      # copy (all replicas write the same theta_t), so the writes need no
+      # cross-replica merge and may sit inside tf.cond / tf.switch_case;
+      # checkpoints and reads outside the step see the first replica's copy.
+      variables = self.backbone.trainable_variables
+      with keras.name_scope(self.name, caller=self):
+        self._stale_buffer = [
+            keras.Variable(
+                initializer="zeros", shape=v.shape, dtype=v.dtype,
                 trainable=False, aggregation="only_first_replica",
-                name=f"stale_slot{slot}_{i}")
-            for i, v in enumerate(self.backbone.trainable_variables)
-        ])
+                synchronization="on_read", name=f"stale_slot{slot}_{i}")
+            for slot in range(self.delay) for i, v in enumerate(variables)
+        ]
     self.built = True
 
   # ----------------------------------------------------------------- calls
   def call(self, inputs, training=False):
     """Inference on the main (clean) BN: images [B, H, W, C] -> logits."""
     return self.backbone(inputs, training=training, bn_route=MAIN)
+
+  def stale_slot(self, slot):
+    """The ring buffer's slot `slot` (variables parallel to the backbone's
+    trainable variables); holds theta_t for the last t with t % tau == slot."""
+    n = len(self.backbone.trainable_variables)
+    return self._stale_buffer[slot * n:(slot + 1) * n]
 
   def _stale_weights(self, step):
     """Returns theta_{step - tau} as tensors and writes theta_step into its slot.
@@ -167,8 +178,8 @@ class ConAdvModel(keras.Model):
       return [tf.convert_to_tensor(v) for v in current]
 
     def fill_all():
-      for slot in self._stale_slots:
-        for buf, v in zip(slot, current):
+      for slot in range(tau):
+        for buf, v in zip(self.stale_slot(slot), current):
           buf.assign(v)
       return tf.constant(True)
 
@@ -179,11 +190,11 @@ class ConAdvModel(keras.Model):
     slot_index = tf.cast(step % tau, tf.int32)
 
     def read(slot):
-      return lambda: [tf.convert_to_tensor(b) for b in self._stale_slots[slot]]
+      return lambda: [tf.convert_to_tensor(b) for b in self.stale_slot(slot)]
 
     def write(slot):
       def fn():
-        for buf, v in zip(self._stale_slots[slot], current):
+        for buf, v in zip(self.stale_slot(slot), current):
           buf.assign(v)
         return tf.constant(True)
       return fn

@@ -9,6 +9,7 @@ import tensorflow as tf
 from official_conadv.adversarial import attacks
 from official_conadv.modeling import conadv_model
 from official_conadv.modeling import small_cnn
+from official_conadv.testing import strategies
 
 NUM_CLASSES = 5
 SHAPE = (8, 8, 3)
@@ -54,13 +55,13 @@ class RecordingConAdv(conadv_model.ConAdvModel):
 
 
 def _build(backbone, adversary, cls=conadv_model.ConAdvModel,
-           optimizer=None, loss=None):
+           optimizer=None, loss=None, metrics=("sparse_categorical_accuracy",)):
   model = cls(backbone, adversary=adversary)
   model.build((None,) + SHAPE)
   model.compile(optimizer=optimizer or keras.optimizers.SGD(LR),
                 loss=loss or keras.losses.SparseCategoricalCrossentropy(
                     from_logits=True),
-                metrics=["sparse_categorical_accuracy"])
+                metrics=list(metrics))
   return model
 
 
@@ -167,9 +168,8 @@ def test_ring_buffer_holds_the_last_tau_weights():
   # After k steps slot (k - 1) % tau holds theta_{k-1}, the other theta_{k-2}.
   for k, slot in ((steps - 1, (steps - 1) % tau), (steps - 2,
                                                    (steps - 2) % tau)):
-    for buf, want in zip(model._stale_slots[slot], history[k]):
+    for buf, want in zip(model.stale_slot(slot), history[k]):
       np.testing.assert_array_equal(buf.numpy(), want)
-  assert len(model._stale_slots) == tau
   stale_names = [w.path for w in model.non_trainable_weights
                  if "stale_slot" in w.path]
   assert len(stale_names) == tau * len(model.backbone.trainable_variables)
@@ -205,16 +205,8 @@ def test_adv_route_statistics_only_move_in_adversarial_modes():
     assert all(moved) if adv_moves else not any(moved)
 
 
-def _strategy(name):
-  if name == "default":
-    return tf.distribute.get_strategy()
-  if name == "one_device":
-    return tf.distribute.OneDeviceStrategy("/cpu:0")
-  return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-
-
 def _fit_under(strategy_name, adversary, x, y, synchronized=True, epochs=1):
-  strategy = _strategy(strategy_name)
+  strategy = strategies.get(strategy_name)
   with strategy.scope():
     model = _build(_backbone(synchronized=synchronized), adversary)
   logs = model.fit(_dataset(x, y), epochs=epochs, verbose=0, shuffle=False)
@@ -263,7 +255,8 @@ def test_one_hot_labels_with_label_smoothing():
   x, y = _data(2)
   model = _build(_backbone(), MODES["conadv_tau1"],
                  loss=keras.losses.CategoricalCrossentropy(
-                     from_logits=True, label_smoothing=0.1))
+                     from_logits=True, label_smoothing=0.1),
+                 metrics=["categorical_accuracy"])
   logs = model.fit(_dataset(x, tf.one_hot(y, NUM_CLASSES)), verbose=0)
   assert np.isfinite(logs.history["loss"]).all()
 
@@ -308,8 +301,8 @@ def test_save_weights_carries_the_stale_buffer(tmp_path):
   model.save_weights(path)
   other = _build(_backbone(seed=9), conadv_model.AdversaryConfig(delay=2))
   other.load_weights(path)
-  for a, b in zip(model._stale_slots[1] + model._stale_slots[0],
-                  other._stale_slots[1] + other._stale_slots[0]):
+  for a, b in zip(model.stale_slot(1) + model.stale_slot(0),
+                  other.stale_slot(1) + other.stale_slot(0)):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 

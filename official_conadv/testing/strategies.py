@@ -1,0 +1,38 @@
+"""Strategies shared by the tests of one process.
+
+Two `MirroredStrategy` objects over the same devices in one process start
+their collective keys at the same values, so the second one can hit the first
+one's cached collective instances ("Shape mismatch in the collective
+instance ..."). Tests therefore share one instance per kind.
+"""
+
+import functools
+
+import tensorflow as tf
+
+NAMES = ("default", "one_device", "mirrored")
+
+
+@functools.lru_cache(maxsize=None)
+def _mirrored():
+  cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+  if len(cpus) < 2:
+    raise RuntimeError("Mirrored tests need 2 logical CPUs; conftest.py sets "
+                       "them up before TensorFlow starts.")
+  return tf.distribute.MirroredStrategy(cpus[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def _one_device():
+  return tf.distribute.OneDeviceStrategy("/cpu:0")
+
+
+def get(name: str) -> tf.distribute.Strategy:
+  """"default", "one_device" (CPU:0) or "mirrored" (2 logical CPUs)."""
+  if name == "default":
+    return tf.distribute.get_strategy()
+  if name == "one_device":
+    return _one_device()
+  if name == "mirrored":
+    return _mirrored()
+  raise ValueError(f"Unknown test strategy {name!r}; valid: {NAMES}.")
