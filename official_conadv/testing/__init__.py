@@ -1,0 +1,1 @@
+"""Test helpers shared by official_conadv tests (not used by the library)."""
