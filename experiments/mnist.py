@@ -9,7 +9,7 @@ from official_conadv import configs
 
 
 def mnist_resnet_conadv():
-  """The default run (`make train`): dual-BN ResNet-20 (CIFAR stem, width 16)
+  """The default run (`make train`): dual-BN ResNet-20 (CIFAR layout, 16/32/64 channels)
   on 28x28 MNIST digits, ConAdv (tau=1, 1-step PGD, eps=32/255) with LARS.
 
   Command:
@@ -20,7 +20,7 @@ def mnist_resnet_conadv():
   """
   c = configs.ExperimentConfig(description=mnist_resnet_conadv.__doc__)
   c.model = configs.ModelConfig(
-      name="resnet", depth=20, variant="cifar", width=16, num_classes=10,
+      name="resnet", depth=20, variant="cifar", width=64, num_classes=10,
       input_mean=(0.1307,), input_std=(0.3081,))
   # Digits are bold strokes on black: a larger radius than ImageNet's 4/255
   # is needed for the adversarial branch to matter.

@@ -123,7 +123,7 @@ class StepLimit(keras.callbacks.Callback):
     self.total_steps = total_steps
 
   def on_train_batch_end(self, batch, logs=None):
-    if int(self.model.optimizer.iterations) >= self.total_steps:
+    if int(self.model.optimizer.iterations.numpy()) >= self.total_steps:
       self.model.stop_training = True
 
 
@@ -137,7 +137,7 @@ class NonFiniteGuard(keras.callbacks.Callback):
   def on_train_batch_end(self, batch, logs=None):
     loss = (logs or {}).get("loss")
     if loss is not None and not math.isfinite(float(loss)):
-      self.bad_step = int(self.model.optimizer.iterations)
+      self.bad_step = int(self.model.optimizer.iterations.numpy())
       self.model.stop_training = True
 
 
@@ -151,7 +151,7 @@ class Checkpointer(keras.callbacks.Callback):
 
   def save(self):
     if self.guard.bad_step is None:
-      step = int(self.model.optimizer.iterations)
+      step = int(self.model.optimizer.iterations.numpy())
       if self.manager.latest_checkpoint is None or step != self._last_step():
         self.manager.save(checkpoint_number=step)
 
@@ -178,10 +178,10 @@ class Scalars(keras.callbacks.Callback):
 
   def on_epoch_begin(self, epoch, logs=None):
     self._t0 = time.perf_counter()
-    self._step0 = int(self.model.optimizer.iterations)
+    self._step0 = int(self.model.optimizer.iterations.numpy())
 
   def on_epoch_end(self, epoch, logs=None):
-    step = int(self.model.optimizer.iterations)
+    step = int(self.model.optimizer.iterations.numpy())
     seconds = time.perf_counter() - self._t0
     ips = (step - self._step0) * self.global_batch_size / max(seconds, 1e-9)
     self.images_per_second.append(ips)
@@ -292,7 +292,7 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
     logging.info("Restored %s", manager.latest_checkpoint)
   elif mode == "eval":
     raise ValueError(f"No checkpoint in {ckpt_dir} to evaluate.")
-  step = int(model.optimizer.iterations)
+  step = int(model.optimizer.iterations.numpy())
 
   def eval_dataset():
     return input_pipeline.distributed_dataset(
@@ -326,7 +326,7 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
           f"Last good checkpoint: {manager.latest_checkpoint or 'none'}.")
     summary["train"] = {k: float(v[-1]) for k, v in history.history.items()
                         if v and not k.startswith("val_")}
-    summary["step"] = int(model.optimizer.iterations)
+    summary["step"] = int(model.optimizer.iterations.numpy())
   if mode in ("eval", "train_and_eval"):
     results = model.evaluate(eval_dataset(), steps=eval_steps,
                              verbose=verbose, return_dict=True)
