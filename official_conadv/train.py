@@ -61,6 +61,11 @@ def main(argv):
   from official_conadv import configs  # pylint: disable=g-import-not-at-top
   from official_conadv import distribute_utils  # pylint: disable=g-import-not-at-top
   from official_conadv import train_lib  # pylint: disable=g-import-not-at-top
+  if FLAGS.verbosity <= 0:
+    # TF's savers and exporters log at INFO; keep the console to the progress
+    # bar and our own lines unless --verbosity=1 or more is given.
+    logging.set_verbosity(logging.WARNING)
+    tf.get_logger().setLevel("WARNING")
 
   if FLAGS.experiment == "list":
     for name in experiments.names():

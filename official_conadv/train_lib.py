@@ -319,7 +319,8 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
         train_ds, epochs=math.ceil(total_steps / steps_per_loop),
         initial_epoch=step // steps_per_loop, steps_per_epoch=steps_per_loop,
         validation_data=eval_dataset() if mode == "train_and_eval" else None,
-        validation_steps=eval_steps, callbacks=callbacks, verbose=verbose)
+        validation_steps=eval_steps, callbacks=callbacks, verbose=verbose,
+        shuffle=False)
     if guard.bad_step is not None:
       raise TrainingError(
           f"Non-finite loss at step {guard.bad_step}; stopped without saving. "
