@@ -53,6 +53,19 @@ def _fail(message, status):
   sys.exit(status)
 
 
+def _gist(message):
+  """The informative line of a TF runtime error (not "Graph execution")."""
+  lines = [l.strip() for l in message.splitlines() if l.strip()]
+  for line in lines:
+    if "Corrupt or unreadable" in line:
+      return line[line.index("Corrupt or unreadable"):].rstrip("]")
+  for line in lines:
+    if not line.startswith(("Graph execution error", "Detected at node",
+                            "File ", "[[", "Traceback")):
+      return line
+  return lines[0] if lines else "unknown error"
+
+
 def main(argv):
   del argv
   # Imported here so `--help` is fast and flag errors come before TF starts.
@@ -95,9 +108,8 @@ def main(argv):
     _fail(str(e), 1)
   except (tf.errors.InvalidArgumentError, tf.errors.DataLossError,
           tf.errors.NotFoundError) as e:
-    _fail(f"stopped by the input pipeline or a file: "
-          f"{e.message.strip().splitlines()[0]} (checkpoints in "
-          f"{FLAGS.model_dir} are intact)", 1)
+    _fail(f"stopped by the input pipeline or a file: {_gist(e.message)} "
+          f"(checkpoints in {FLAGS.model_dir} are intact)", 1)
 
   ev = summary.get("eval", {})
   ips = summary.get("images_per_second")

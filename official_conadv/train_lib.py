@@ -141,6 +141,11 @@ class NonFiniteGuard(keras.callbacks.Callback):
       self.model.stop_training = True
 
 
+def _all_finite(model) -> bool:
+  return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
+                             for v in model.trainable_variables]))
+
+
 class Checkpointer(keras.callbacks.Callback):
   """Saves model + optimizer (+ stale buffer) at the end of every loop."""
 
@@ -150,6 +155,11 @@ class Checkpointer(keras.callbacks.Callback):
     self.guard = guard
 
   def save(self):
+    if self.guard.bad_step is None and not _all_finite(self.model):
+      # The last update produced inf/NaN weights although its loss (computed
+      # before the update) was finite: never checkpoint them.
+      self.guard.bad_step = int(self.model.optimizer.iterations.numpy())
+      self.model.stop_training = True
     if self.guard.bad_step is None:
       step = int(self.model.optimizer.iterations.numpy())
       if self.manager.latest_checkpoint is None or step != self._last_step():
@@ -236,9 +246,12 @@ def _jit_default(strategy) -> bool:
 # ------------------------------------------------------------------- run
 def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
         strategy: Optional[tf.distribute.Strategy] = None,
-        verbose: int = 1, export: bool = True) -> Dict[str, Any]:
+        verbose: int = 1, export: bool = True,
+        callbacks=()) -> Dict[str, Any]:
   """Runs `mode` ("train", "eval" or "train_and_eval") and returns a summary.
 
+  `callbacks` are extra Keras callbacks, run after the trainer's own (so a
+  loop's checkpoint is written before they see its end).
   The summary dict holds the final `eval` metrics (top-1 as `accuracy`,
   `top5`), `train` logs, `step`, `wall_seconds` and `images_per_second`.
   Raises ValueError for bad input before anything is written to model_dir,
@@ -277,6 +290,9 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
     jit = _jit_default(strategy)
 
   image_shape = input_pipeline.image_shape(data.name, data.image_size)
+  # Same seed => same initial weights (and, with data.deterministic, the same
+  # run); a resumed run overwrites them from its checkpoint anyway.
+  keras.utils.set_random_seed(config.train.seed)
   with strategy.scope():
     model = build_model(config, image_shape, total_steps, steps_per_epoch,
                         jit_compile=jit)
@@ -298,19 +314,21 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
     return input_pipeline.distributed_dataset(
         strategy, data, split="eval", is_training=False,
         global_batch_size=config.train.eval_batch_size,
-        num_classes=config.model.num_classes, seed=config.train.seed)
+        num_classes=config.model.num_classes, seed=config.train.seed,
+        corrupt_counter=corrupt)
 
   summary = {"step": step, "train": {}, "eval": {}}
+  corrupt = input_pipeline.CorruptRecordCounter()
   scalars = Scalars(model_dir, config.train.global_batch_size, is_chief)
   if mode in ("train", "train_and_eval") and step < total_steps:
     train_ds = input_pipeline.distributed_dataset(
         strategy, data, split="train", is_training=True,
         global_batch_size=config.train.global_batch_size,
         num_classes=config.model.num_classes, seed=config.train.seed,
-        skip_batches=step)
+        skip_batches=step, corrupt_counter=corrupt)
     guard = NonFiniteGuard()
-    callbacks = [guard, StepLimit(total_steps), Checkpointer(manager, guard),
-                 scalars]
+    all_callbacks = [guard, StepLimit(total_steps),
+                     Checkpointer(manager, guard), scalars] + list(callbacks)
     if verbose:
       print(f"Training {config.name} ({config.method}) for {total_steps} "
             f"steps from step {step}; TensorBoard: tensorboard "
@@ -319,7 +337,7 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
         train_ds, epochs=math.ceil(total_steps / steps_per_loop),
         initial_epoch=step // steps_per_loop, steps_per_epoch=steps_per_loop,
         validation_data=eval_dataset() if mode == "train_and_eval" else None,
-        validation_steps=eval_steps, callbacks=callbacks, verbose=verbose,
+        validation_steps=eval_steps, callbacks=all_callbacks, verbose=verbose,
         shuffle=False)
     if guard.bad_step is not None:
       raise TrainingError(
@@ -339,6 +357,12 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
       scalars.eval_writer.flush()
   if export and mode != "eval" and is_chief:
     summary["export"] = export_model(model, model_dir, image_shape)
+  summary["corrupt_records_skipped"] = corrupt.count
+  summary["corrupt_record_locations"] = [list(l) for l in
+                                         corrupt.locations[:20]]
+  if corrupt.count:
+    logging.warning("Skipped %d corrupt records, e.g. %s", corrupt.count,
+                    corrupt.locations[:5])
   summary["wall_seconds"] = time.perf_counter() - start
   summary["images_per_second"] = (
       sorted(scalars.images_per_second)[len(scalars.images_per_second) // 2]

@@ -307,6 +307,26 @@ class ConAdvModel(keras.Model):
     """See `inference_model` (module function) for the backbone."""
     return inference_model(self.backbone)
 
+  def _trackable_children(self, save_type="checkpoint", **kwargs):
+    """Adds every model weight to what `tf.train.Checkpoint` saves.
+
+    On the TF backend Keras 3 keeps layers and weights held in Python lists
+    (`SmallCNN.convs`, `ResNet.blocks`, this model's stale-weight buffer) in
+    `TrackedList`s, which `tf.train.Checkpoint` does not traverse (Keras
+    converts them for SavedModel only; keras-team/keras#18398). Without this
+    a checkpoint of the model misses them: a restored model silently keeps
+    its initial BN statistics and an empty ring buffer.
+    """
+    children = super()._trackable_children(save_type, **kwargs)
+    if save_type == "checkpoint":
+      # Keyed by position, not `variable.path`: paths carry auto-numbered
+      # layer names ("small_cnn_3") that differ between processes.
+      for i, v in enumerate(self.backbone.weights):
+        children[f"backbone_weights/{i}"] = v
+      for i, v in enumerate(self._stale_buffer):
+        children[f"stale_buffer/{i}"] = v
+    return children
+
   def get_config(self):
     config = super().get_config()
     config.update({

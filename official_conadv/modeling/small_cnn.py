@@ -24,16 +24,22 @@ class SmallCNN(keras.Model):
     synchronized_bn: cross-replica BN statistics (makes a Mirrored run equal
       a one-device run with the same global batch).
     bn_momentum, bn_epsilon: as `DualBatchNormalization`.
+    adversarial_bn: create the adversarial BN sets (False: main only).
   """
 
   def __init__(self, num_classes=10, filters=(8, 16), synchronized_bn=False,
-               bn_momentum=0.9, bn_epsilon=1e-5, **kwargs):
+               bn_momentum=0.9, bn_epsilon=1e-5, adversarial_bn=True,
+               **kwargs):
     super().__init__(**kwargs)
     self.num_classes = num_classes
     self.filters = tuple(filters)
     self.synchronized_bn = synchronized_bn
     self.bn_momentum = bn_momentum
     self.bn_epsilon = bn_epsilon
+    # Inside dual_batch_norm.main_only() (export) the BNs get no adv set, and
+    # the config says so, so the exported model reloads without one.
+    self.adversarial_bn = bool(
+        adversarial_bn) and not dual_batch_norm.main_only_active()
     self.convs = []
     self.bns = []
     for i, f in enumerate(self.filters):
@@ -45,7 +51,8 @@ class SmallCNN(keras.Model):
       self.bns.append(
           dual_batch_norm.DualBatchNormalization(
               momentum=bn_momentum, epsilon=bn_epsilon,
-              synchronized=synchronized_bn, name=f"bn{i}"))
+              synchronized=synchronized_bn, adversarial=self.adversarial_bn,
+              name=f"bn{i}"))
     self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
     self.head = keras.layers.Dense(num_classes, name="logits")
 
@@ -60,5 +67,6 @@ class SmallCNN(keras.Model):
     config = super().get_config()
     config.update(num_classes=self.num_classes, filters=list(self.filters),
                   synchronized_bn=self.synchronized_bn,
-                  bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon)
+                  bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+                  adversarial_bn=self.adversarial_bn)
     return config
