@@ -18,15 +18,7 @@ import pytest  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-if __name__ != "__main__":
-  # Two logical CPUs for the in-process Mirrored tests (conftest.py does the
-  # same; whichever runs first wins, the other finds the runtime started).
-  try:
-    tf.config.set_logical_device_configuration(
-        tf.config.list_physical_devices("CPU")[0],
-        [tf.config.LogicalDeviceConfiguration()] * 2)
-  except RuntimeError:
-    pass
+# conftest.py splits the CPU into two logical devices for Mirrored tests.
 
 from official_conadv import distribute_utils  # pylint: disable=g-import-not-at-top
 from official_conadv import keras_mwms_fix  # pylint: disable=g-import-not-at-top

@@ -2,14 +2,7 @@
 
 import tensorflow as tf
 
-# Two logical CPUs for the MirroredStrategy test; must run before any TF op
-# (the repo's conftest.py does the same; whichever runs first wins).
-try:
-  tf.config.set_logical_device_configuration(
-      tf.config.list_physical_devices("CPU")[0],
-      [tf.config.LogicalDeviceConfiguration()] * 2)
-except RuntimeError:
-  pass
+# conftest.py splits the CPU into two logical devices for Mirrored tests.
 
 import keras  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
