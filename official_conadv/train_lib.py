@@ -304,7 +304,14 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
   manager = tf.train.CheckpointManager(
       checkpoint, ckpt_dir, max_to_keep=config.train.keep_checkpoints)
   if manager.latest_checkpoint:
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    try:
+      checkpoint.restore(
+          manager.latest_checkpoint).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+      raise ValueError(
+          f"Checkpoint {manager.latest_checkpoint} does not match this model "
+          f"({str(e).strip().splitlines()[0][:200]}); it was written by "
+          "another model or version: use a new --model_dir.") from None
     logging.info("Restored %s", manager.latest_checkpoint)
   elif mode == "eval":
     raise ValueError(f"No checkpoint in {ckpt_dir} to evaluate.")

@@ -302,3 +302,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path,
   values = _checkpoint_values(str(model_dir))
   assert all(np.isfinite(v).all() for v in values.values()
              if np.issubdtype(np.asarray(v).dtype, np.floating))
+
+
+def test_checkpoint_of_another_model_is_one_line(tmp_path, capsys):
+  model_dir = str(tmp_path / "run")
+  train_lib.run(experiments.get("mnist_smoke"), model_dir, verbose=0,
+                export=False)
+  os.remove(os.path.join(model_dir, "config.json"))  # Hide the config check.
+  code, errors = _main(["--experiment=mnist_smoke", f"--model_dir={model_dir}",
+                        "--mode=eval", "--params_override=model.width=6"],
+                       capsys)
+  assert code == 2 and "does not match this model" in errors[0], errors
