@@ -1,0 +1,151 @@
+"""Smoke tests of the benchmark scripts at tiny sizes (seconds, not numbers).
+
+Each script's `run(**kwargs)` (what its `main` calls) runs on a small
+ResNet at 32 px, batch 2, one timed round; the JSON it writes must have the
+expected keys and positive numbers. `step_time.py` has no `run`: it runs as
+a subprocess, as a user would.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import input_pipeline
+from benchmarks import peers
+from benchmarks import stale_buffer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(image_size=32, batch_size=2, num_classes=10, warmup=0, repeats=1)
+
+
+def _positive(value):
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and value > 0)
+
+
+def _load(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def test_step_time_script(tmp_path):
+  out = tmp_path / "step_time.json"
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.step_time", "--depth=10",
+       "--image_size=32", "--batch_size=2", "--num_classes=10", "--warmup=0",
+       "--repeats=1", "--modes=baseline,delay1", f"--output={out}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "baseline" in proc.stdout and "delay1" in proc.stdout
+  data = _load(out)
+  assert set(data) >= {"header", "rows", "raw_seconds"}
+  assert [r["mode"] for r in data["rows"]] == ["baseline", "delay1"]
+  for row in data["rows"]:
+    for key in ("median_s", "min_s", "max_s", "images_per_s",
+                "ratio_to_baseline", "flop_model_ratio"):
+      assert _positive(row[key]), (key, row)
+  assert all(len(v) == 1 for v in data["raw_seconds"].values())
+
+
+def test_peers_tfm(tmp_path):
+  out = tmp_path / "peers.json"
+  result = peers.run(depth=10, peers=["tfm"], output=str(out), verbose=False,
+                     **TINY)
+  assert _load(out) == json.loads(json.dumps(result))
+  assert set(result) >= {"header", "rows", "raw_seconds", "config"}
+  rows = {r["impl"]: r for r in result["rows"]}
+  assert set(rows) == {"ours", "tfm"}
+  for row in rows.values():
+    for key in ("median_s", "min_s", "max_s", "images_per_s",
+                "peer_over_ours", "top_level_ops", "total_ops"):
+      assert _positive(row[key]), (key, row)
+    assert row["function_library_ops"] >= 0
+  assert rows["ours"]["peer_over_ours"] == 1.0
+  # Warm-up is at least one call, so no timed call includes the trace.
+  assert result["config"]["warmup"] == 1
+
+
+def test_peers_keras_step():
+  # keras.applications has ResNet-50 as its smallest ResNet: build that peer
+  # alone (the full run is covered by test_peers_tfm).
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="no ResNet-18"):
+    peers.build_keras(18, 32, 10, False)
+  step = peers.build_keras(50, 32, 10, False)
+  x = tf.random.uniform((2, 32, 32, 3))
+  y = tf.constant([1, 2])
+  assert math.isfinite(float(step(x, y)))
+  ops = peers.graph_op_counts(step, (x, y))
+  assert ops["top_level_ops"] > 1000 and ops["total_ops"] >= 1000
+
+
+def test_peers_rejects_unknown():
+  with pytest.raises(ValueError, match="Unknown peers"):
+    peers.run(depth=10, peers=["torch"], verbose=False, **TINY)
+
+
+def test_stale_buffer(tmp_path):
+  out = tmp_path / "stale.json"
+  result = stale_buffer.run(depth=10, taus=(1, 2), output=str(out),
+                            verbose=False, **TINY)
+  assert _load(out) == json.loads(json.dumps(result))
+  assert set(result) >= {"header", "memory", "timing", "summary",
+                         "raw_seconds"}
+  memory = {m["tau"]: m for m in result["memory"]}
+  assert set(memory) == {1, 2}
+  for m in memory.values():
+    for key in ("slot_bytes", "buffer_bytes", "buffer_mib",
+                "model_param_bytes", "fraction_of_model_params",
+                "fraction_of_main_route_params"):
+      assert _positive(m[key]), (key, m)
+  assert memory[2]["buffer_bytes"] == 2 * memory[1]["buffer_bytes"]
+  assert memory[1]["slot_bytes"] == memory[2]["slot_bytes"]
+  # One slot: every trainable weight (float32), a bit less than all weights.
+  assert 0.9 < memory[1]["fraction_of_model_params"] <= 1.0
+  names = {r["candidate"] for r in result["timing"]}
+  assert names == {"step_delay1", "step_delay0", "stale_tau1", "stale_tau2"}
+  for row in result["timing"]:
+    for key in ("median_s", "min_s", "max_s", "share_of_delay1_step"):
+      assert _positive(row[key]), (key, row)
+  assert _positive(result["summary"]["stale_tau1_share_of_step"])
+  assert "delay1_minus_delay0_s" in result["summary"]
+
+
+def test_input_pipeline(tmp_path):
+  step_json = tmp_path / "step_time.json"
+  step_json.write_text(json.dumps({
+      "header": "ResNet-50 train step, 32px, batch 2, /device:CPU:0",
+      "rows": [{"mode": "baseline", "images_per_s": 1e-3},
+               {"mode": "delay1", "images_per_s": 1e9}]}))
+  out = tmp_path / "pipeline.json"
+  result = input_pipeline.run(
+      image_size=32, batch_size=2, augment=("none",), num_files=2,
+      per_file=4, num_distinct=2, source_height=40, source_width=50,
+      batches=2, warmup_batches=1, step_time_json=str(step_json),
+      consumed_images_per_s=["0.5"], output=str(out), verbose=False)
+  assert _load(out) == json.loads(json.dumps(result))
+  assert set(result) >= {"header", "rows", "consumers", "cores"}
+  assert _positive(result["cores"])
+  (row,) = result["rows"]
+  assert _positive(row["images_per_s"])
+  assert _positive(row["images_per_s_per_core"])
+  assert row["keeps_up"] == {"step_time:baseline": True,
+                             "step_time:delay1": False, "given[0]": True}
+  assert not any(c["note"] for c in result["consumers"])  # Same size.
+  assert result["config"]["wrote_data"]
+
+
+def test_input_pipeline_flags_size_mismatch():
+  consumers = input_pipeline.consumers_from(
+      os.path.join(ROOT, "experiments", "results",
+                   "step_time_cpu_r50_64px.json"), ["7"], image_size=224)
+  assert consumers[-1] == {"name": "given[0]", "images_per_s": 7.0,
+                           "step_image_size": None, "note": ""}
+  assert all("64px" in c["note"] for c in consumers[:-1])
+  assert all(c["step_image_size"] == 64 for c in consumers[:-1])
