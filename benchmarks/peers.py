@@ -43,7 +43,6 @@ num_classes, warmup, repeats, jit_compile, output; its `modes` and
 `mixed_precision` are not used here).
 """
 
-import json
 import os
 import statistics
 
@@ -213,10 +212,7 @@ def run(depth=50, image_size=64, batch_size=16, num_classes=1000, warmup=2,
             "load_average": os.getloadavg()}
   if verbose:
     print_table(rows, header)
-  if output:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-      json.dump(result, f, indent=2)
+  step_time.write_json(result, output)
   return result
 
 

@@ -31,7 +31,6 @@ share of the delay-1 step) and writes JSON to --output. Shares
 warmup, repeats, jit_compile, output; `modes`, `mixed_precision` unused).
 """
 
-import json
 import os
 import statistics
 
@@ -175,10 +174,7 @@ def run(depth=50, image_size=64, batch_size=16, num_classes=1000, warmup=2,
             "load_average": os.getloadavg()}
   if verbose:
     print_tables(result)
-  if output:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-      json.dump(result, f, indent=2)
+  step_time.write_json(result, output)
   return result
 
 

@@ -93,6 +93,15 @@ def summarize(times, batch_size):
   return rows
 
 
+def write_json(result, output):
+  """Writes a benchmark's result dict to `output` (creating its folder)."""
+  if not output:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  with open(output, "w") as f:
+    json.dump(result, f, indent=2)
+
+
 def print_table(rows, header):
   print(header)
   print(f"{'mode':<10} {'median s':>9} {'min s':>8} {'max s':>8} "
@@ -128,11 +137,8 @@ def main(argv):
             f"policy={FLAGS.mixed_precision or 'float32'}, "
             f"{FLAGS.repeats} interleaved rounds after {FLAGS.warmup} warm-up")
   print_table(rows, header)
-  if FLAGS.output:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    with open(FLAGS.output, "w") as f:
-      json.dump({"header": header, "rows": rows, "raw_seconds": times}, f,
-                indent=2)
+  write_json({"header": header, "rows": rows, "raw_seconds": times},
+             FLAGS.output)
 
 
 if __name__ == "__main__":
