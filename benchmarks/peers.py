@@ -73,7 +73,6 @@ def build_ours(depth, image_size, num_classes, jit_compile):
 def build_keras(depth, image_size, num_classes, jit_compile):
   """keras.applications ResNet + Keras SGD(momentum), a compiled step."""
   import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if depth not in _KERAS_APPS:
     raise ValueError(f"keras.applications has no ResNet-{depth} (has "
                      f"{sorted(_KERAS_APPS)}).")
@@ -83,6 +82,13 @@ def build_keras(depth, image_size, num_classes, jit_compile):
   optimizer = keras.optimizers.SGD(learning_rate=_LR, momentum=_MOMENTUM)
   optimizer.build(model.trainable_variables)
   loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+  return _gradient_step(model, loss_fn, optimizer, jit_compile)
+
+
+def _gradient_step(model, loss_fn, optimizer, jit_compile):
+  """A compiled plain training step (forward, loss, gradients, update)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   @tf.function(jit_compile=jit_compile)
   def step(x, y):
@@ -98,7 +104,6 @@ def build_keras(depth, image_size, num_classes, jit_compile):
 
 def build_tfm(depth, image_size, num_classes, jit_compile):
   """tf-models-official ResNet + Dense head (tf_keras) + its LARS."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tf_keras  # pylint: disable=g-import-not-at-top
   from official.modeling.optimization import lars as tfm_lars  # pylint: disable=g-import-not-at-top
   from official.vision.modeling.backbones import resnet as tfm_resnet  # pylint: disable=g-import-not-at-top
@@ -122,16 +127,7 @@ def build_tfm(depth, image_size, num_classes, jit_compile):
       exclude_from_weight_decay=_TFM_EXCLUDE)
   loss_fn = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
-  @tf.function(jit_compile=jit_compile)
-  def step(x, y):
-    with tf.GradientTape() as tape:
-      loss = loss_fn(y, model(x, training=True))
-    variables = model.trainable_variables
-    grads = tape.gradient(loss, variables)
-    optimizer.apply_gradients(zip(grads, variables))
-    return loss
-
-  return step
+  return _gradient_step(model, loss_fn, optimizer, jit_compile)
 
 
 BUILDERS = {OURS: build_ours, "keras": build_keras, "tfm": build_tfm}
