@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export CUDA_VISIBLE_DEVICES ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv test train clean
+.PHONY: venv test train rehearse clean
 
 # The venv is rebuilt whenever requirements.txt is newer than it.
 $(VENV)/.installed: requirements.txt
@@ -23,6 +23,11 @@ test: $(VENV)/.installed
 
 train: $(VENV)/.installed
 	$(PY) -m official_conadv.train --experiment=mnist_resnet_conadv --model_dir=runs/mnist_resnet_conadv
+
+# Every paper row (imagenet_resnet50_*) at toy scale with its own loop shape:
+# exact steps, exact evaluation, SIGTERM + exact resume. About 20 min on 2 cores.
+rehearse: $(VENV)/.installed
+	$(PY) -m official_conadv.rehearse --output=runs/rehearse/rehearse.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

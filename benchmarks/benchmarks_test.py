@@ -16,6 +16,7 @@ import pytest
 
 from benchmarks import input_pipeline
 from benchmarks import peers
+from benchmarks import resume_cost
 from benchmarks import stale_buffer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,3 +150,35 @@ def test_input_pipeline_flags_size_mismatch():
                            "step_image_size": None, "note": ""}
   assert all("64px" in c["note"] for c in consumers[:-1])
   assert all(c["step_image_size"] == 64 for c in consumers[:-1])
+
+
+def test_resume_cost(tmp_path):
+  out = tmp_path / "resume.json"
+  result = resume_cost.run(
+      num_files=2, per_file=8, num_distinct=2, source_height=24,
+      source_width=32, image_size=16, batch_size=4, shuffle_buffer=4,
+      epochs_in=3, repeats=1, batches=2, warmup_batches=1, output=str(out),
+      verbose=False)
+  assert _load(out) == json.loads(json.dumps(result))
+  assert set(result) >= {"header", "resume", "throughput", "summary", "raw",
+                         "config"}
+  rows = {r["case"]: r for r in result["resume"]}
+  assert set(rows) == {"new_step_1", "new_epochs_in", "old_step_1",
+                       "old_epochs_in"}
+  for row in rows.values():
+    for key in ("median_s", "min_s", "max_s"):
+      assert _positive(row[key]), (key, row)
+  # 16 records, batch 4: 4 steps per epoch; 3 epochs in is step 12.
+  assert result["config"]["far_step"] == 12
+  assert rows["new_epochs_in"]["start_step"] == 12
+  assert rows["new_epochs_in"]["records_skipped_before_decode"] == 0
+  assert rows["old_epochs_in"]["records_skipped_before_decode"] == 48
+  assert rows["new_step_1"]["records_skipped_before_decode"] == 4
+  assert {r["mode"] for r in result["throughput"]} == {"deterministic",
+                                                      "nondeterministic"}
+  for row in result["throughput"]:
+    assert _positive(row["median_images_per_s"]), row
+  for value in result["summary"].values():
+    assert _positive(value)
+  assert all(len(v) == 1 for v in
+             result["raw"]["time_to_first_batch_s"].values())

@@ -4,7 +4,11 @@ Names: imagenet_resnet50_{lars,advprop,conadv,conadv_aa}_{1k,4k,8k,16k,32k,64k,9
   lars       plain LARS baseline (no adversary)
   advprop    sequential adversarial training (attack with theta_t, delay 0)
   conadv     ConAdv, 1-step PGD from theta_{t-1} (delay 1)
-  conadv_aa  ConAdv + AutoAugment v0 on the clean branch
+  conadv_aa  ConAdv + AutoAugment v0 on the clean branch; the adversary
+             attacks the un-augmented image of the same crop. The authors'
+             released code instead trains AutoAugment images on a third BN
+             set and averages the three losses:
+             --params_override=model.augmented_route=aug
 
 Command (TPU pod slice, TFRecord shards train-*/validation-* in a bucket):
   python -m official_conadv.train --experiment=imagenet_resnet50_conadv_32k \
@@ -12,6 +16,13 @@ Command (TPU pod slice, TFRecord shards train-*/validation-* in a bucket):
       --model_dir=gs://BUCKET/runs/conadv_32k
 Use --params_override=data.name=imagenet_tfds with the two official tars in
 --data_dir for tfds' imagenet2012 instead.
+
+Loop structure: one loop = one data epoch (steps_per_loop = 1,281,167 // B),
+a checkpoint and an evaluation of all 50,000 validation images after each;
+steps_per_execution = min(steps per epoch, 100) steps per device call (the
+last call of a loop is shorter when 100 does not divide it); the run stops at
+exactly train_steps (or ceil(epochs * 1,281,167 / B)). `make rehearse` runs
+every row with its loop shape at toy scale.
 
 Hyperparameters per batch size (peak LR, warmup epochs, momentum, weight
 decay, decay power, length) and where each comes from:

@@ -31,6 +31,11 @@ class ModelConfig:
   zero_init_residual: bool = True
   input_mean: Tuple[float, ...] = (0.485, 0.456, 0.406)
   input_std: Tuple[float, ...] = (0.229, 0.224, 0.225)
+  # Where AutoAugment images train (the +AA rows): "main" = the clean branch
+  # (DESIGN.md; the adversary attacks the un-augmented image), "aug" = a third
+  # BN set, as the authors' released code does (clean / AutoAugment /
+  # adversarial, loss averaged over the three); see ConAdvModel.
+  augmented_route: str = "main"
 
 
 @dataclasses.dataclass
@@ -79,7 +84,10 @@ class DataConfig:
   autoaugment: Optional[str] = None  # "v0" for the paper's +AA rows.
   label_smoothing: float = 0.0
   shuffle_buffer: int = 10_000
-  deterministic: bool = False
+  # True: the same seed gives the same batches, so a resumed run is exact.
+  # False: parallel stages may reorder elements (faster when decode times are
+  # uneven); a resumed run then differs from an uninterrupted one.
+  deterministic: bool = True
   skip_corrupt: bool = False  # False: fail on a corrupt record with its place.
   num_train_examples: Optional[int] = None  # None: the dataset's known size.
   num_eval_examples: Optional[int] = None
@@ -168,6 +176,14 @@ class ExperimentConfig:
     if o.learning_rate < 0 or o.warmup_epochs < 0 or o.weight_decay < 0:
       raise ValueError("optimizer.learning_rate, warmup_epochs and "
                        "weight_decay must be >= 0.")
+    if self.model.augmented_route not in ("main", "aug"):
+      raise ValueError(f"model.augmented_route must be 'main' or 'aug', got "
+                       f"{self.model.augmented_route!r}.")
+    if self.model.augmented_route == "aug" and not (a.enabled and
+                                                    d.autoaugment):
+      raise ValueError("model.augmented_route='aug' (a third BN set for "
+                       "AutoAugment images) needs data.autoaugment and an "
+                       "enabled adversary.")
     if self.model.name not in ("resnet", "small_cnn"):
       raise ValueError(f"model.name must be 'resnet' or 'small_cnn', got "
                        f"{self.model.name!r}.")
@@ -240,7 +256,7 @@ def _parse_value(text: str, hint, key: str):
         raise ValueError
       return int(value)
     if hint is float:
-      return float(eval(text, {"__builtins__": {}}, {}))  # "4/255" allowed.
+      return parse_number(text)
     if typing.get_origin(hint) is tuple:
       return tuple(float(v) for v in text.strip("()[]").split(":") if v)
     return text
@@ -249,11 +265,28 @@ def _parse_value(text: str, hint, key: str):
                      f"{getattr(hint, '__name__', hint)}.") from None
 
 
+def parse_number(text: str) -> float:
+  """A float literal or one fraction of two ("4/255"); parsed, never
+  evaluated. ValueError otherwise."""
+  parts = text.split("/")
+  if len(parts) > 2:
+    raise ValueError(text)
+  value = float(parts[0])
+  if len(parts) == 2:
+    denominator = float(parts[1])
+    if denominator == 0:
+      raise ValueError(text)
+    value /= denominator
+  if not math.isfinite(value):
+    raise ValueError(text)
+  return value
+
+
 def override(config: ExperimentConfig, overrides: str) -> ExperimentConfig:
   """Applies "a.b=v,c.d=w" dotted overrides and returns a new config.
 
-  Values are parsed by the field's type: ints, floats (simple arithmetic like
-  4/255 allowed), booleans (true/false), strings, `none` for optional fields,
+  Values are parsed by the field's type: ints, floats (a literal or one
+  fraction like 4/255), booleans (true/false), strings, `none` for optional fields,
   tuples as colon-separated numbers (model.input_mean=0.5:0.5:0.5). Unknown
   keys and unparsable values raise ValueError naming them.
   """
@@ -285,20 +318,42 @@ def override(config: ExperimentConfig, overrides: str) -> ExperimentConfig:
   return ExperimentConfig.from_dict(d).validate()
 
 
-# Fields that may differ between a run and its restart in the same model_dir.
-# Anything else (model, adversary, optimizer, batch, data) must match, or the
-# checkpoint would silently continue a different experiment.
+# Fields that may differ between a run and its restart in the same model_dir:
+# they change neither the mathematics nor the data order (where and how it
+# runs, bookkeeping, evaluation).
 RESUMABLE_FIELDS = {
     "description",
-    "data.data_dir", "data.shuffle_buffer", "data.skip_corrupt",
+    "data.data_dir", "data.skip_corrupt", "data.num_eval_examples",
     "train.steps_per_execution", "train.keep_checkpoints", "train.eval_steps",
-    "train.epochs", "train.train_steps", "train.eval_batch_size",
+    "train.eval_batch_size", "train.steps_per_loop",
     "runtime.strategy", "runtime.tpu", "runtime.jit_compile",
+}
+# Fields that change the learning-rate schedule or the batches a resumed run
+# sees: refused on restart unless explicitly allowed (--allow_config_change),
+# and then logged. Anything else (model, adversary, optimizer, data
+# preprocessing) is always refused: the checkpoint would silently continue a
+# different experiment.
+SCHEDULE_FIELDS = {
+    "train.epochs", "train.train_steps", "train.global_batch_size",
+    "train.seed", "data.shuffle_buffer", "data.deterministic",
+    "data.num_train_examples",
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Difference:
+  """One field that differs between a saved and the current config."""
+  field: str
+  saved: Any
+  current: Any
+
+  def __str__(self):
+    return f"{self.field}: {self.saved!r} in model_dir vs {self.current!r} now"
+
+
 def incompatibilities(saved: Dict[str, Any], current: ExperimentConfig):
-  """Dotted keys whose values differ between a saved and the current config."""
+  """`Difference`s between a saved and the current config, outside
+  RESUMABLE_FIELDS."""
   diffs = []
 
   def walk(a, b, prefix):
@@ -308,7 +363,7 @@ def incompatibilities(saved: Dict[str, Any], current: ExperimentConfig):
       if isinstance(va, dict) and isinstance(vb, dict):
         walk(va, vb, name + ".")
       elif name not in RESUMABLE_FIELDS and _normalise(va) != _normalise(vb):
-        diffs.append(f"{name}: {va!r} in model_dir vs {vb!r} now")
+        diffs.append(Difference(name, va, vb))
 
   walk(saved, json.loads(current.to_json()), "")
   return diffs

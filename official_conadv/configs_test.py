@@ -73,11 +73,49 @@ def test_json_round_trip_and_incompatibilities():
   d = json.loads(c.to_json())
   assert configs.ExperimentConfig.from_dict(d) == c
   assert configs.incompatibilities(d, c) == []
-  resumable = configs.override(c, "runtime.strategy=mirrored,train.epochs=10")
+  resumable = configs.override(
+      c, "runtime.strategy=mirrored,train.steps_per_loop=7,"
+      "train.steps_per_execution=3,train.eval_batch_size=512")
   assert configs.incompatibilities(d, resumable) == []
   changed = configs.override(c, "adversary.delay=3,optimizer.learning_rate=2")
   diffs = configs.incompatibilities(d, changed)
-  assert len(diffs) == 2 and diffs[0].startswith("adversary.delay: 1")
+  assert [x.field for x in diffs] == ["adversary.delay",
+                                      "optimizer.learning_rate"]
+  assert str(diffs[0]).startswith("adversary.delay: 1")
+
+
+@pytest.mark.parametrize("override,field", [
+    ("train.epochs=10", "train.epochs"),
+    ("train.train_steps=100", "train.train_steps"),
+    ("train.global_batch_size=4096", "train.global_batch_size"),
+    ("train.seed=3", "train.seed"),
+    ("data.shuffle_buffer=7", "data.shuffle_buffer"),
+    ("data.deterministic=false", "data.deterministic"),
+])
+def test_schedule_and_data_order_changes_are_flagged(override, field):
+  c = experiments.get("imagenet_resnet50_conadv_32k")
+  d = json.loads(c.to_json())
+  diffs = configs.incompatibilities(d, configs.override(c, override))
+  assert [x.field for x in diffs] == [field]
+  assert field in configs.SCHEDULE_FIELDS
+
+
+@pytest.mark.parametrize("text,value", [
+    ("4/255", 4 / 255), ("0.5", 0.5), ("1e-4", 1e-4), ("-2", -2.0),
+    (" 8 / 255 ", 8 / 255)])
+def test_parse_number(text, value):
+  assert configs.parse_number(text) == value
+
+
+@pytest.mark.parametrize("text", [
+    "__import__('os')", "2**10", "1/0", "1/2/3", "nan", "inf", "(1)", "",
+    "4/255+1"])
+def test_parse_number_refuses_anything_but_a_number_or_fraction(text):
+  with pytest.raises(ValueError):
+    configs.parse_number(text)
+  with pytest.raises(ValueError, match="adversary.epsilon"):
+    configs.override(experiments.get("mnist_smoke"),
+                     f"adversary.epsilon={text}")
 
 
 def test_total_steps():

@@ -42,7 +42,8 @@ STRATEGY_NAMES = ("tpu", "mirrored", "multi_worker_mirrored", "one_device",
 _MWMS_JOBS = ("chief", "worker")
 
 
-def _one_line(text: Any) -> str:
+def one_line(text: Any) -> str:
+  """The first non-empty line of `text` (an error or a message), stripped."""
   lines = [l.strip() for l in str(text).strip().splitlines() if l.strip()]
   return lines[0] if lines else ""
 
@@ -165,7 +166,7 @@ def _tpu_strategy(tpu: Optional[str]) -> tf.distribute.TPUStrategy:
     # Google API errors here; all mean "no usable TPU".
     raise ValueError(
         f"TPU {label} not found or could not be initialized "
-        f"({type(e).__name__}: {_one_line(e)[:300]}). Use tpu='local' on a "
+        f"({type(e).__name__}: {one_line(e)[:300]}). Use tpu='local' on a "
         "TPU VM, the TPU name or grpc://host:port for a TPU node, or another "
         "strategy.") from e
 

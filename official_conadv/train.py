@@ -11,7 +11,9 @@ r"""Command-line entry point: train / evaluate one named experiment.
 missing data, bad override, incompatible model_dir, ...) ends with a one-line
 `error:` message and exit status 2; a stopped run (non-finite loss, corrupt
 record) with exit status 1. Checkpoints in model_dir are never overwritten by
-a failing run.
+a failing run. SIGTERM (a preemption notice) saves a checkpoint at the next
+step boundary, prints one `preempted:` line and exits with status 143; rerun
+the same command to resume.
 """
 
 import os
@@ -42,10 +44,17 @@ flags.DEFINE_string("params_override", "",
                     "'adversary.delay=2,train.global_batch_size=4096'.")
 flags.DEFINE_bool("export", True, "Export the main-BN inference model at the "
                   "end of training (SavedModel + .keras).")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Resume although the run length, global batch, seed or "
+                  "data order (train.epochs, train.train_steps, "
+                  "train.global_batch_size, train.seed, data.shuffle_buffer, "
+                  "data.deterministic) differ from the model_dir's config: "
+                  "the schedule is rebuilt and the change logged.")
 flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 bar, "
                      "2 one line per loop.")
 
 FLAGS = flags.FLAGS
+PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM, what schedulers expect.
 
 
 def _fail(message, status):
@@ -101,11 +110,15 @@ def main(argv):
                                              tpu=config.runtime.tpu)
     summary = train_lib.run(config, FLAGS.model_dir, mode=FLAGS.mode,
                             strategy=strategy, verbose=FLAGS.verbose,
-                            export=FLAGS.export)
+                            export=FLAGS.export,
+                            allow_config_change=FLAGS.allow_config_change)
   except ValueError as e:
     _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e), 2)
   except train_lib.TrainingError as e:
     _fail(str(e), 1)
+  except train_lib.Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_EXIT_STATUS)
   except (tf.errors.InvalidArgumentError, tf.errors.DataLossError,
           tf.errors.NotFoundError) as e:
     _fail(f"stopped by the input pipeline or a file: {_gist(e.message)} "
@@ -116,6 +129,7 @@ def main(argv):
   print(f"FINAL experiment={FLAGS.experiment} step={summary['step']} "
         f"top1={ev.get('accuracy', float('nan')):.4f} "
         f"top5={ev.get('top5', float('nan')):.4f} "
+        f"examples={ev.get('examples', 0)} "
         f"wall_s={summary['wall_seconds']:.1f} "
         f"images_per_s={ips if ips is None else round(ips, 1)} "
         f"model_dir={os.path.abspath(FLAGS.model_dir)}", flush=True)

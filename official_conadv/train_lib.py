@@ -1,14 +1,23 @@
 """Training, evaluation, checkpointing and export for one experiment.
 
 `run(config, model_dir, mode, strategy)` does the work; `train.py` only parses
-flags. Training is one `model.fit` over an infinite input pipeline, cut into
-"loops" of `train.steps_per_loop` steps (Keras epochs). At the end of every
-loop: a checkpoint (model, optimizer, step and the stale-weight buffer) in
-`model_dir/checkpoints`, TensorBoard scalars in `model_dir/{train,eval}` and,
-in train_and_eval mode, an evaluation. A restarted command restores the latest
-checkpoint and goes on from its step, with the input pipeline skipped to the
-same batch, so an interrupted run ends with the same weights as an
-uninterrupted one. A non-finite loss stops the run before anything is saved,
+flags. Training is cut into loops that end exactly at multiples of
+`train.steps_per_loop` (counted from step 0) and at the last step; each loop
+is one `model.fit` over a finite input window of exactly its steps, read from
+the pipeline's per-epoch seeded order (`input_pipeline`), so
+`steps_per_execution` need not divide anything and the run never overshoots.
+At the end of every loop: a checkpoint (model, optimizer, step, BN statistics
+and the stale-weight buffer) in `model_dir/checkpoints`, TensorBoard scalars
+in `model_dir/{train,eval}` and, in train_and_eval mode, an exact evaluation
+(every validation image scored once: padded, masked batches).
+
+Resume: a rerun of the same command restores the newest readable checkpoint
+(a damaged one is named and skipped, never deleted) and continues with the
+batches of that step, so an interrupted run ends with the same weights as an
+uninterrupted one; the input cost of resuming is at most one data epoch of
+record reads (no decoding), whatever the step. SIGTERM (preemption notice)
+stops at the next step call, saves that step and raises `Preempted`. A
+non-finite loss or non-finite weights stop the run before anything is saved,
 keeping the last good checkpoint.
 """
 
@@ -16,6 +25,9 @@ import dataclasses
 import json
 import math
 import os
+import re
+import signal
+import threading
 import time
 from typing import Any, Dict, Optional
 
@@ -41,18 +53,21 @@ class TrainingError(RuntimeError):
 
 # ---------------------------------------------------------------- building
 def build_backbone(c: configs.ModelConfig) -> keras.Model:
+  """The backbone; a third BN set ("aug") when `c.augmented_route == "aug"`."""
+  augmented_bn = c.augmented_route == conadv_model.AUG
   if c.name == "small_cnn":
     return small_cnn.SmallCNN(num_classes=c.num_classes,
                               filters=(c.width, 2 * c.width),
                               synchronized_bn=c.synchronized_bn,
                               bn_momentum=c.bn_momentum,
-                              bn_epsilon=c.bn_epsilon)
+                              bn_epsilon=c.bn_epsilon,
+                              augmented_bn=augmented_bn)
   return resnet.ResNet(
       depth=c.depth, num_classes=c.num_classes, variant=c.variant,
       width=c.width, bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon,
       synchronized_bn=c.synchronized_bn,
       zero_init_residual=c.zero_init_residual, input_mean=c.input_mean,
-      input_std=c.input_std)
+      input_std=c.input_std, augmented_bn=augmented_bn)
 
 
 def build_adversary(c: configs.AdversaryConfig):
@@ -91,7 +106,8 @@ def build_model(config: configs.ExperimentConfig, image_shape,
   Call inside the strategy scope.
   """
   model = conadv_model.ConAdvModel(build_backbone(config.model),
-                                   adversary=build_adversary(config.adversary))
+                                   adversary=build_adversary(config.adversary),
+                                   augmented_route=config.model.augmented_route)
   model.build((None,) + tuple(image_shape))
   label_smoothing = config.data.label_smoothing
   if label_smoothing > 0:
@@ -115,20 +131,8 @@ def build_model(config: configs.ExperimentConfig, image_shape,
 
 
 # ------------------------------------------------------------- callbacks
-class StepLimit(keras.callbacks.Callback):
-  """Stops `fit` once the optimizer has done `total_steps` updates."""
-
-  def __init__(self, total_steps):
-    super().__init__()
-    self.total_steps = total_steps
-
-  def on_train_batch_end(self, batch, logs=None):
-    if int(self.model.optimizer.iterations.numpy()) >= self.total_steps:
-      self.model.stop_training = True
-
-
 class NonFiniteGuard(keras.callbacks.Callback):
-  """Stops at the first non-finite loss; the checkpointer then saves nothing."""
+  """Stops at the first non-finite loss; the trainer then saves nothing."""
 
   def __init__(self):
     super().__init__()
@@ -141,83 +145,99 @@ class NonFiniteGuard(keras.callbacks.Callback):
       self.model.stop_training = True
 
 
+class TrainTimer(keras.callbacks.Callback):
+  """Seconds spent in training steps only (not evaluation, checkpoints,
+  pipeline start-up between loops): the sum over `fit`'s step calls, each
+  closed by reading the step counter (which waits for the device)."""
+
+  def __init__(self):
+    super().__init__()
+    self.seconds = 0.0
+    self._t0 = None
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self._t0 = time.perf_counter()
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.model.optimizer.iterations.numpy()  # Waits for the step to finish.
+    self.seconds += time.perf_counter() - self._t0
+
+
+def _is_multi_worker(strategy) -> bool:
+  extended = getattr(strategy, "extended", None)
+  return bool(getattr(extended, "_in_multi_worker_mode", lambda: False)())
+
+
+class PreemptionWatcher(keras.callbacks.Callback):
+  """Turns SIGTERM (the TPU / GCE / Kubernetes preemption notice) into a
+  clean stop at the next step boundary.
+
+  The signal handler only sets a flag; after every `fit` step call (every
+  `steps_per_execution` steps) the flag stops training, and the trainer then
+  saves a checkpoint of that step and raises `Preempted`. Under multi-worker
+  strategies the flag is summed across workers at every step call, so all
+  workers stop at the same step even if only one got the signal.
+  """
+
+  def __init__(self, strategy):
+    super().__init__()
+    self.strategy = strategy
+    self.requested = False
+    self._previous = None
+    self._installed = False
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+      self._installed = True
+    return self
+
+  def __exit__(self, *exc):
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._installed = False
+    return False
+
+  def stop_requested(self) -> bool:
+    if not _is_multi_worker(self.strategy):
+      return self.requested
+    flag = tf.constant(1.0 if self.requested else 0.0)
+    total = self.strategy.reduce(
+        tf.distribute.ReduceOp.SUM,
+        self.strategy.run(lambda: tf.identity(flag)), axis=None)
+    self.requested = bool(float(total) > 0)
+    return self.requested
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self.stop_requested():
+      self.model.stop_training = True
+
+
+class Preempted(Exception):
+  """Raised after the checkpoint of a SIGTERM-stopped run is saved."""
+
+
 def _all_finite(model) -> bool:
   return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
                              for v in model.trainable_variables]))
 
 
-class Checkpointer(keras.callbacks.Callback):
-  """Saves model + optimizer (+ stale buffer) at the end of every loop."""
-
-  def __init__(self, manager, guard):
-    super().__init__()
-    self.manager = manager
-    self.guard = guard
-
-  def save(self):
-    if self.guard.bad_step is None and not _all_finite(self.model):
-      # The last update produced inf/NaN weights although its loss (computed
-      # before the update) was finite: never checkpoint them.
-      self.guard.bad_step = int(self.model.optimizer.iterations.numpy())
-      self.model.stop_training = True
-    if self.guard.bad_step is None:
-      step = int(self.model.optimizer.iterations.numpy())
-      if self.manager.latest_checkpoint is None or step != self._last_step():
-        self.manager.save(checkpoint_number=step)
-
-  def _last_step(self):
-    return int(self.manager.latest_checkpoint.rsplit("-", 1)[-1])
-
-  def on_epoch_end(self, epoch, logs=None):
-    self.save()
-
-
-class Scalars(keras.callbacks.Callback):
-  """TensorBoard scalars per loop: logs, learning rate and images/s."""
-
-  def __init__(self, model_dir, global_batch_size, is_chief):
-    super().__init__()
-    self.global_batch_size = global_batch_size
-    self.is_chief = is_chief
-    self.train_writer = tf.summary.create_file_writer(
-        os.path.join(model_dir, "train")) if is_chief else None
-    self.eval_writer = tf.summary.create_file_writer(
-        os.path.join(model_dir, "eval")) if is_chief else None
-    self._t0 = self._step0 = None
-    self.images_per_second = []
-
-  def on_epoch_begin(self, epoch, logs=None):
-    self._t0 = time.perf_counter()
-    self._step0 = int(self.model.optimizer.iterations.numpy())
-
-  def on_epoch_end(self, epoch, logs=None):
-    step = int(self.model.optimizer.iterations.numpy())
-    seconds = time.perf_counter() - self._t0
-    ips = (step - self._step0) * self.global_batch_size / max(seconds, 1e-9)
-    self.images_per_second.append(ips)
-    if not self.is_chief:
-      return
-    lr = self.model.optimizer.learning_rate
-    lr = float(lr(step) if callable(lr) else lr)
-    with self.train_writer.as_default(step=step):
-      for k, v in (logs or {}).items():
-        if not k.startswith("val_"):
-          tf.summary.scalar(k, float(v))
-      tf.summary.scalar("learning_rate", lr)
-      tf.summary.scalar("images_per_second", ips)
-    with self.eval_writer.as_default(step=step):
-      for k, v in (logs or {}).items():
-        if k.startswith("val_"):
-          tf.summary.scalar(k[4:], float(v))
-    self.train_writer.flush()
-    self.eval_writer.flush()
-
-
 # ------------------------------------------------------------ model_dir
 def check_and_write_config(config: configs.ExperimentConfig, model_dir: str,
-                           write: bool):
-  """Refuses a model_dir written by an incompatible config; saves ours."""
+                           write: bool, allow_config_change: bool = False):
+  """Refuses a model_dir written by an incompatible config; saves ours.
+
+  Fields in `configs.SCHEDULE_FIELDS` (run length, global batch, seeds, data
+  order) may change only with `allow_config_change`, and the change is
+  logged; every other incompatible field is refused. Returns the list of
+  allowed changes ("field: old -> new").
+  """
   path = os.path.join(model_dir, CONFIG_FILE)
+  changed = []
   if tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path) as f:
       try:
@@ -226,15 +246,26 @@ def check_and_write_config(config: configs.ExperimentConfig, model_dir: str,
         raise ValueError(f"{path} is not valid JSON ({e}); use a new "
                          "--model_dir.") from None
     diffs = configs.incompatibilities(saved, config)
-    if diffs:
+    hard = [d for d in diffs if d.field not in configs.SCHEDULE_FIELDS]
+    soft = [d for d in diffs if d.field in configs.SCHEDULE_FIELDS]
+    if hard:
       raise ValueError(
           f"--model_dir {model_dir} holds a run with an incompatible config "
-          f"({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}); use "
-          "a new --model_dir or the same settings.")
+          f"({'; '.join(map(str, hard[:3]))}"
+          f"{'; ...' if len(hard) > 3 else ''}); use a new --model_dir or "
+          "the same settings.")
+    if soft and not allow_config_change:
+      raise ValueError(
+          f"--model_dir {model_dir} holds a run with another schedule or data "
+          f"order ({'; '.join(map(str, soft))}); resuming would change the "
+          "learning rate or the batches: rerun with the same settings, or "
+          "pass --allow_config_change to continue with the new ones.")
+    changed = [str(d) for d in soft]
   if write:
     tf.io.gfile.makedirs(model_dir)
     with tf.io.gfile.GFile(path, "w") as f:
       f.write(config.to_json())
+  return changed
 
 
 def _jit_default(strategy) -> bool:
@@ -243,19 +274,103 @@ def _jit_default(strategy) -> bool:
   return bool(tf.config.list_logical_devices("GPU"))
 
 
+# Errors that mean "this checkpoint's files are damaged" (truncated, missing
+# shard, bad checksum), as opposed to "written by another model". TF's
+# checkpoint reader reports a data file cut short as IndexError ("Read less
+# bytes than requested").
+_CORRUPT_CHECKPOINT_ERRORS = (tf.errors.DataLossError, tf.errors.NotFoundError,
+                              tf.errors.OutOfRangeError,
+                              tf.errors.UnknownError, IndexError)
+# What other errors say when they come from a damaged file (a truncated
+# .index: "file is too short to be an sstable").
+_DAMAGE_MARKERS = re.compile(
+    r"sstable|too short|truncat|corrupt|checksum|Read less bytes|"
+    r"Unable to open table", re.IGNORECASE)
+
+
+def restore_latest_good(checkpoint: tf.train.Checkpoint,
+                        manager: tf.train.CheckpointManager,
+                        announce=print) -> Optional[str]:
+  """Restores the newest readable checkpoint of `manager`; returns its path.
+
+  A damaged checkpoint (truncated or missing files) is named in one line and
+  the next older one is tried; nothing is deleted. A checkpoint written by
+  another model is a ValueError (no fallback: the model_dir is wrong).
+  """
+  candidates = list(reversed(manager.checkpoints))
+  damaged = []
+  for path in candidates:
+    try:
+      try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+      except (ValueError, tf.errors.OpError) as e:
+        if _DAMAGE_MARKERS.search(str(e)):
+          raise tf.errors.DataLossError(None, None, str(e)) from None
+        raise
+    except _CORRUPT_CHECKPOINT_ERRORS as e:
+      reason = distribute_utils.one_line(e)[:160]
+      damaged.append(path)
+      announce(f"Checkpoint {path} is unreadable ({reason}); trying the "
+               "previous one (nothing is deleted).")
+      continue
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+      raise ValueError(
+          f"Checkpoint {path} does not match this model "
+          f"({distribute_utils.one_line(e)[:200]}); it was written by "
+          "another model or version: use a new --model_dir.") from None
+    if damaged:
+      announce(f"Resuming from {path} instead of the unreadable "
+               f"{', '.join(damaged)}.")
+    return path
+  if damaged:
+    raise ValueError(f"Every checkpoint in {manager.directory} is unreadable "
+                     f"({', '.join(damaged)}); use a new --model_dir or "
+                     "restore the files.")
+  return None
+
+
+def loop_ends(step: int, total_steps: int, steps_per_loop: int):
+  """The global steps at which loops end from `step` on: multiples of
+  `steps_per_loop` counted from step 0, and `total_steps` (a resume from a
+  mid-loop preemption checkpoint first finishes that loop)."""
+  ends = []
+  while step < total_steps:
+    step = min(total_steps, (step // steps_per_loop + 1) * steps_per_loop)
+    ends.append(step)
+  return ends
+
+
+def _learning_rate(optimizer, step: int) -> float:
+  lr = optimizer.learning_rate
+  if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+    lr = optimizer.inner_optimizer.learning_rate
+  schedule = getattr(optimizer, "_learning_rate", None)
+  if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+    return float(schedule(step))
+  return float(lr)
+
+
 # ------------------------------------------------------------------- run
 def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
         strategy: Optional[tf.distribute.Strategy] = None,
         verbose: int = 1, export: bool = True,
-        callbacks=()) -> Dict[str, Any]:
+        callbacks=(), allow_config_change: bool = False) -> Dict[str, Any]:
   """Runs `mode` ("train", "eval" or "train_and_eval") and returns a summary.
 
-  `callbacks` are extra Keras callbacks, run after the trainer's own (so a
-  loop's checkpoint is written before they see its end).
-  The summary dict holds the final `eval` metrics (top-1 as `accuracy`,
-  `top5`), `train` logs, `step`, `wall_seconds` and `images_per_second`.
-  Raises ValueError for bad input before anything is written to model_dir,
-  TrainingError when training must stop (non-finite loss).
+  Training runs in loops that end exactly at multiples of
+  `train.steps_per_loop` and at the last step, each one `model.fit` over a
+  finite input window of exactly its steps (so `steps_per_execution` that
+  does not divide the loop runs a last, shorter chunk and never overshoots).
+  After every loop: a checkpoint, TensorBoard scalars and, in
+  train_and_eval mode, an exact evaluation (every image once).
+
+  `callbacks` are extra Keras callbacks given to every loop's `fit`, after
+  the trainer's own. The summary dict holds the final `eval` metrics (top-1 as
+  `accuracy`, `top5`, `loss`, `examples` = images scored), `train` logs,
+  `step`, `wall_seconds`, `train_seconds` and `images_per_second` (training
+  steps only). Raises ValueError for bad input before anything is written to
+  model_dir, TrainingError when training must stop (non-finite loss, an
+  inexact loop or evaluation), Preempted after saving on SIGTERM.
   """
   if mode not in ("train", "eval", "train_and_eval"):
     raise ValueError(f"--mode must be train, eval or train_and_eval, got "
@@ -276,12 +391,19 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
   steps_per_epoch = config.steps_per_epoch(num_train)
   total_steps = config.total_steps(num_train)
   steps_per_loop = min(config.train.steps_per_loop, total_steps)
-  eval_steps = config.train.eval_steps or max(
-      1, num_eval // config.train.eval_batch_size)
+  pipelines = input_pipeline.num_input_pipelines(strategy)
+  # The eval pipeline always holds one whole padded pass; train.eval_steps
+  # (a quick partial evaluation) only scores its first batches.
+  pass_steps = input_pipeline.num_eval_steps(
+      num_eval, config.train.eval_batch_size, pipelines)
+  eval_steps = min(config.train.eval_steps or pass_steps, pass_steps)
+  full_eval = eval_steps == pass_steps
 
   # Validate the data before touching model_dir.
   input_pipeline.check_data(data.name, data_dir=data.data_dir)
-  check_and_write_config(config, model_dir, write=mode != "eval" and is_chief)
+  changed = check_and_write_config(config, model_dir,
+                                   write=mode != "eval" and is_chief,
+                                   allow_config_change=allow_config_change)
 
   if config.runtime.mixed_precision:
     keras.mixed_precision.set_global_policy(config.runtime.mixed_precision)
@@ -290,8 +412,8 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
     jit = _jit_default(strategy)
 
   image_shape = input_pipeline.image_shape(data.name, data.image_size)
-  # Same seed => same initial weights (and, with data.deterministic, the same
-  # run); a resumed run overwrites them from its checkpoint anyway.
+  # Same seed => same initial weights; a resumed run overwrites them from
+  # its checkpoint anyway.
   keras.utils.set_random_seed(config.train.seed)
   with strategy.scope():
     model = build_model(config, image_shape, total_steps, steps_per_epoch,
@@ -303,77 +425,141 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
                             str(distribute_utils.task_index()))
   manager = tf.train.CheckpointManager(
       checkpoint, ckpt_dir, max_to_keep=config.train.keep_checkpoints)
-  if manager.latest_checkpoint:
-    try:
-      checkpoint.restore(
-          manager.latest_checkpoint).assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-      raise ValueError(
-          f"Checkpoint {manager.latest_checkpoint} does not match this model "
-          f"({str(e).strip().splitlines()[0][:200]}); it was written by "
-          "another model or version: use a new --model_dir.") from None
-    logging.info("Restored %s", manager.latest_checkpoint)
+  say = print if (verbose and is_chief) else (lambda *a, **k: None)
+  restored = restore_latest_good(checkpoint, manager, announce=print)
+  if restored:
+    logging.info("Restored %s", restored)
   elif mode == "eval":
     raise ValueError(f"No checkpoint in {ckpt_dir} to evaluate.")
   step = int(model.optimizer.iterations.numpy())
+  if changed:
+    print(f"Config changed on resume at step {step} (--allow_config_change): "
+          f"{'; '.join(changed)}. Learning rate now "
+          f"{_learning_rate(model.optimizer, step):.6g}; {total_steps} steps "
+          "in all.", flush=True)
 
-  def eval_dataset():
-    return input_pipeline.distributed_dataset(
-        strategy, data, split="eval", is_training=False,
-        global_batch_size=config.train.eval_batch_size,
-        num_classes=config.model.num_classes, seed=config.train.seed,
-        corrupt_counter=corrupt)
+  corrupt = input_pipeline.CorruptRecordCounter()  # Training records.
+  eval_corrupt = input_pipeline.CorruptRecordCounter()
+  eval_ds = None
+
+  def evaluate():
+    nonlocal eval_ds
+    if eval_ds is None:
+      eval_ds = input_pipeline.distributed_dataset(
+          strategy, data, split="eval", is_training=False,
+          global_batch_size=config.train.eval_batch_size,
+          num_classes=config.model.num_classes, seed=config.train.seed,
+          eval_steps=pass_steps, corrupt_counter=eval_corrupt, repeat=False)
+    results = model.evaluate(eval_ds, steps=eval_steps, verbose=0,
+                             return_dict=True)
+    results = {k: float(v) for k, v in results.items()}
+    results["examples"] = int(round(results.get("examples", 0)))
+    expected = num_eval - eval_corrupt.count
+    if full_eval and results["examples"] != expected:
+      raise TrainingError(
+          f"Evaluation scored {results['examples']} images, expected "
+          f"{expected} ({num_eval} in the eval split, {eval_corrupt.count} "
+          "skipped as corrupt); check data.num_eval_examples against the "
+          "data.")
+    return results
+
+  train_writer = eval_writer = None
+  if is_chief:
+    train_writer = tf.summary.create_file_writer(
+        os.path.join(model_dir, "train"))
+    eval_writer = tf.summary.create_file_writer(os.path.join(model_dir,
+                                                             "eval"))
+
+  def write_scalars(writer, at_step, values):
+    if writer is None:
+      return
+    with writer.as_default(step=at_step):
+      for k, v in values.items():
+        if isinstance(v, (int, float)):
+          tf.summary.scalar(k, v)
+    writer.flush()
 
   summary = {"step": step, "train": {}, "eval": {}}
-  corrupt = input_pipeline.CorruptRecordCounter()
-  scalars = Scalars(model_dir, config.train.global_batch_size, is_chief)
+  train_seconds, trained_steps = 0.0, 0
+  saved_step = step if restored else None
   if mode in ("train", "train_and_eval") and step < total_steps:
-    train_ds = input_pipeline.distributed_dataset(
-        strategy, data, split="train", is_training=True,
-        global_batch_size=config.train.global_batch_size,
-        num_classes=config.model.num_classes, seed=config.train.seed,
-        skip_batches=step, corrupt_counter=corrupt)
+    ends = loop_ends(step, total_steps, steps_per_loop)
+    say(f"Training {config.name} ({config.method}) for {total_steps} steps "
+        f"from step {step}: {len(ends)} loops of up to {steps_per_loop} "
+        f"steps, {config.train.steps_per_execution} per execution; "
+        f"TensorBoard: tensorboard --logdir={model_dir}", flush=True)
     guard = NonFiniteGuard()
-    all_callbacks = [guard, StepLimit(total_steps),
-                     Checkpointer(manager, guard), scalars] + list(callbacks)
-    if verbose:
-      print(f"Training {config.name} ({config.method}) for {total_steps} "
-            f"steps from step {step}; TensorBoard: tensorboard "
-            f"--logdir={model_dir}", flush=True)
-    history = model.fit(
-        train_ds, epochs=math.ceil(total_steps / steps_per_loop),
-        initial_epoch=step // steps_per_loop, steps_per_epoch=steps_per_loop,
-        validation_data=eval_dataset() if mode == "train_and_eval" else None,
-        validation_steps=eval_steps, callbacks=all_callbacks, verbose=verbose,
-        shuffle=False)
-    if guard.bad_step is not None:
-      raise TrainingError(
-          f"Non-finite loss at step {guard.bad_step}; stopped without saving. "
-          f"Last good checkpoint: {manager.latest_checkpoint or 'none'}.")
-    summary["train"] = {k: float(v[-1]) for k, v in history.history.items()
-                        if v and not k.startswith("val_")}
-    summary["step"] = int(model.optimizer.iterations.numpy())
-  if mode in ("eval", "train_and_eval"):
-    results = model.evaluate(eval_dataset(), steps=eval_steps,
-                             verbose=verbose, return_dict=True)
-    summary["eval"] = {k: float(v) for k, v in results.items()}
-    if is_chief:
-      with scalars.eval_writer.as_default(step=summary["step"]):
-        for k, v in summary["eval"].items():
-          tf.summary.scalar(k, v)
-      scalars.eval_writer.flush()
+    with PreemptionWatcher(strategy) as watcher:
+      for end in ends:
+        begin = int(model.optimizer.iterations.numpy())
+        train_ds = input_pipeline.distributed_dataset(
+            strategy, data, split="train", is_training=True,
+            global_batch_size=config.train.global_batch_size,
+            num_classes=config.model.num_classes, seed=config.train.seed,
+            start_step=begin, num_steps=end - begin,
+            steps_per_epoch=steps_per_epoch, corrupt_counter=corrupt,
+            augment_pair=model.adversary is not None)
+        timer = TrainTimer()
+        history = model.fit(
+            train_ds, epochs=1, steps_per_epoch=end - begin,
+            callbacks=[guard, timer, watcher] + list(callbacks),
+            verbose=verbose, shuffle=False)
+        step = int(model.optimizer.iterations.numpy())
+        if guard.bad_step is not None:
+          raise TrainingError(
+              f"Non-finite loss at step {guard.bad_step}; stopped without "
+              f"saving. Last good checkpoint: "
+              f"{manager.latest_checkpoint or 'none'}.")
+        if not _all_finite(model):
+          raise TrainingError(
+              f"Non-finite weights after step {step}; stopped without saving."
+              f" Last good checkpoint: {manager.latest_checkpoint or 'none'}.")
+        if step != end and not watcher.requested:
+          raise TrainingError(
+              f"Loop ended at step {step}, expected {end}: the input window "
+              "ran short or a callback stopped training; nothing saved.")
+        train_seconds += timer.seconds
+        trained_steps += step - begin
+        if step != saved_step:
+          manager.save(checkpoint_number=step)
+          saved_step = step
+        logs = {k: float(v[-1]) for k, v in history.history.items() if v}
+        summary["train"] = logs
+        summary["step"] = step
+        ips = ((step - begin) * config.train.global_batch_size /
+               max(timer.seconds, 1e-9))
+        write_scalars(train_writer, step, dict(
+            logs, learning_rate=_learning_rate(model.optimizer, step),
+            images_per_second=ips))
+        if watcher.requested:
+          raise Preempted(
+              f"SIGTERM received: saved the checkpoint of step {step} in "
+              f"{ckpt_dir}; rerun the same command to resume.")
+        line = (f"step {step}/{total_steps}: loss={logs.get('loss', 0):.4f} "
+                f"{ips:.1f} images/s (training steps only)")
+        if mode == "train_and_eval":
+          summary["eval"] = evaluate()
+          write_scalars(eval_writer, step, summary["eval"])
+          line += (f" | eval top1={summary['eval'].get('accuracy', 0):.4f} "
+                   f"on {summary['eval']['examples']} images")
+        say(line, flush=True)
+  if mode == "eval" or (mode == "train_and_eval" and not summary["eval"]):
+    summary["eval"] = evaluate()
+    write_scalars(eval_writer, summary["step"], summary["eval"])
   if export and mode != "eval" and is_chief:
     summary["export"] = export_model(model, model_dir, image_shape)
-  summary["corrupt_records_skipped"] = corrupt.count
-  summary["corrupt_record_locations"] = [list(l) for l in
-                                         corrupt.locations[:20]]
-  if corrupt.count:
-    logging.warning("Skipped %d corrupt records, e.g. %s", corrupt.count,
-                    corrupt.locations[:5])
+  skipped = corrupt.count + eval_corrupt.count
+  locations = corrupt.locations + eval_corrupt.locations
+  summary["corrupt_records_skipped"] = skipped
+  summary["corrupt_record_locations"] = [list(l) for l in locations[:20]]
+  if skipped:
+    logging.warning("Skipped %d corrupt records, e.g. %s", skipped,
+                    locations[:5])
   summary["wall_seconds"] = time.perf_counter() - start
+  summary["train_seconds"] = train_seconds
   summary["images_per_second"] = (
-      sorted(scalars.images_per_second)[len(scalars.images_per_second) // 2]
-      if scalars.images_per_second else None)
+      trained_steps * config.train.global_batch_size / train_seconds
+      if train_seconds > 0 else None)
   if is_chief:
     with tf.io.gfile.GFile(os.path.join(model_dir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

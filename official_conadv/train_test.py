@@ -9,8 +9,10 @@ official_conadv; TensorBoard scalars; every bad-input case.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -104,18 +106,6 @@ def test_runs_each_mode_on_tfds_mock_imagenet(mode, tmp_path):
   assert ("adv_loss" in summary["train"]) == (mode != "baseline")
 
 
-class _Preempt(keras.callbacks.Callback):
-  """Simulates a preemption right after the checkpoint of loop `at`."""
-
-  def __init__(self, at):
-    super().__init__()
-    self.at = at
-
-  def on_epoch_end(self, epoch, logs=None):
-    if epoch + 1 == self.at:
-      raise KeyboardInterrupt("preempted")
-
-
 def _checkpoint_values(model_dir):
   path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
   reader = tf.train.load_checkpoint(path)
@@ -124,28 +114,245 @@ def _checkpoint_values(model_dir):
           if "save_counter" not in k and "CHECKPOINTABLE" not in k}
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
-  config = configs.override(
-      experiments.get("mnist_smoke"),
-      "train.train_steps=6,train.steps_per_loop=2,data.deterministic=true,"
-      "adversary.delay=2")
-  full = str(tmp_path / "full")
-  train_lib.run(config, full, mode="train", verbose=0, export=False)
-  resumed = str(tmp_path / "resumed")
-  with pytest.raises(KeyboardInterrupt):
-    train_lib.run(config, resumed, mode="train", verbose=0, export=False,
-                  callbacks=[_Preempt(at=2)])
-  assert _checkpoint_values(resumed)  # Step-4 checkpoint is there.
-  summary = train_lib.run(config, resumed, mode="train", verbose=0,
-                          export=False)
-  assert summary["step"] == 6
-  want, got = _checkpoint_values(full), _checkpoint_values(resumed)
+def _checkpoint_steps(model_dir):
+  state = tf.train.get_checkpoint_state(os.path.join(model_dir, "checkpoints"))
+  return sorted(int(p.rsplit("-", 1)[-1])
+                for p in state.all_model_checkpoint_paths)
+
+
+def _assert_same_checkpoint(want_dir, got_dir):
+  want, got = _checkpoint_values(want_dir), _checkpoint_values(got_dir)
   assert set(want) == set(got)
-  stale = [k for k in want if "stale_buffer" in k]
-  assert len(stale) >= 2  # The ring buffer is in the checkpoint.
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7,
                                err_msg=k)
+  return want
+
+
+class _SigtermAt(keras.callbacks.Callback):
+  """Sends this process a real SIGTERM once the run has passed `step`."""
+
+  def __init__(self, step):
+    super().__init__()
+    self.step = step
+    self.sent = False
+
+  def on_train_batch_end(self, batch, logs=None):
+    if not self.sent and int(self.model.optimizer.iterations.numpy()) >= \
+        self.step:
+      self.sent = True
+      os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _smoke(extra=""):
+  return configs.override(experiments.get("mnist_smoke"), extra)
+
+
+@pytest.mark.parametrize("step,total,loop,want", [
+    (0, 7, 3, [3, 6, 7]), (0, 6, 3, [3, 6]), (4, 7, 3, [6, 7]),
+    (6, 7, 3, [7]), (7, 7, 3, []), (0, 1251, 1251, [1251]),
+    (0, 5, 10, [5])])
+def test_loop_ends(step, total, loop, want):
+  assert train_lib.loop_ends(step, total, loop) == want
+
+
+@pytest.mark.parametrize("total,loop,execution", [
+    (7, 3, 2),    # Nothing divides (the 1k row's shape: 1,251 / 100).
+    (6, 3, 3),    # Everything divides.
+    (5, 4, 4),    # A short last loop.
+    (7, 7, 3),    # One loop, execution does not divide it.
+])
+def test_run_stops_exactly_at_its_last_step(total, loop, execution, tmp_path):
+  config = _smoke(f"train.train_steps={total},train.steps_per_loop={loop},"
+                  f"train.steps_per_execution={execution},"
+                  "train.keep_checkpoints=10,train.eval_steps=none,"
+                  "train.eval_batch_size=96")
+  model_dir = str(tmp_path / "run")
+  summary = train_lib.run(config, model_dir, mode="train_and_eval",
+                          verbose=0, export=False)
+  assert summary["step"] == total
+  assert _checkpoint_steps(model_dir) == train_lib.loop_ends(0, total, loop)
+  # 1,000 held-out digits, eval batch 96: 11 batches, the last one padded.
+  assert summary["eval"]["examples"] == 1000
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(
+      os.path.join(model_dir, "eval"),
+      size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  assert [e.step for e in acc.Tensors("examples")] == train_lib.loop_ends(
+      0, total, loop)
+
+
+def test_evaluation_scores_every_image_once_on_two_replicas(tmp_path):
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  # Synchronized BN: replicas keep identical moving statistics, so an image's
+  # score does not depend on the replica that gets it.
+  config = _smoke("train.train_steps=2,train.steps_per_loop=2,"
+                  "train.eval_steps=none,train.eval_batch_size=96,"
+                  "model.synchronized_bn=true")
+  summary = train_lib.run(config, str(tmp_path / "run"),
+                          mode="train_and_eval", strategy=strategy, verbose=0,
+                          export=False)
+  assert summary["eval"]["examples"] == 1000
+  # The same evaluation on one device gives the same top-1 (every image once,
+  # padding masked): restore and evaluate without a strategy.
+  one = train_lib.run(config, str(tmp_path / "run"), mode="eval", verbose=0,
+                      export=False)
+  assert one["eval"]["examples"] == 1000
+  assert one["eval"]["accuracy"] == pytest.approx(
+      summary["eval"]["accuracy"], abs=1e-6)
+
+
+def test_sigterm_saves_mid_loop_and_resume_equals_uninterrupted(tmp_path):
+  # Default data settings (no data.deterministic override): exact by default.
+  config = _smoke("train.train_steps=9,train.steps_per_loop=4,"
+                  "train.steps_per_execution=1,adversary.delay=2")
+  full = str(tmp_path / "full")
+  train_lib.run(config, full, mode="train", verbose=0, export=False)
+  resumed = str(tmp_path / "resumed")
+  with pytest.raises(train_lib.Preempted, match="step 6"):
+    train_lib.run(config, resumed, mode="train", verbose=0, export=False,
+                  callbacks=[_SigtermAt(5)])
+  assert _checkpoint_steps(resumed) == [4, 6]
+  summary = train_lib.run(config, resumed, mode="train", verbose=0,
+                          export=False)
+  assert summary["step"] == 9
+  assert _checkpoint_steps(resumed) == [6, 8, 9]  # keep_checkpoints=3.
+  values = _assert_same_checkpoint(full, resumed)
+  assert len([k for k in values if "stale_buffer" in k]) >= 2
+
+
+def test_cli_sigterm_exits_143_with_one_line_and_resumes(tmp_path):
+  model_dir = tmp_path / "run"
+  args = ["--experiment=mnist_smoke", f"--model_dir={model_dir}",
+          "--verbose=0", "--export=false",
+          "--params_override=train.train_steps=400,train.steps_per_loop=1"]
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "official_conadv.train"] + args, cwd=ROOT,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  ckpt_dir = model_dir / "checkpoints"
+  deadline = time.time() + 180
+  while time.time() < deadline and proc.poll() is None:
+    if tf.train.latest_checkpoint(str(ckpt_dir)):
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.communicate()[1][-3000:]
+  sent = time.time()
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-3000:]
+  assert time.time() - sent < 30
+  lines = [l for l in err.splitlines() if l.startswith("preempted: ")]
+  assert len(lines) == 1 and "rerun the same command" in lines[0], err[-2000:]
+  step = int(lines[0].split("checkpoint of step ")[1].split(" ")[0])
+  assert _checkpoint_steps(str(model_dir))[-1] == step < 400
+  # The same command resumes from that step (stopped again once it has
+  # saved one more checkpoint).
+  code, out, err = _run_until_checkpoint(
+      [a.replace("--verbose=0", "--verbose=2") for a in args], env, ckpt_dir,
+      after=step)
+  assert code == 143, err[-3000:]
+  assert f"from step {step}:" in out, out[-2000:]
+
+
+def _run_until_checkpoint(args, env, ckpt_dir, after):
+  """Runs the CLI until it saves a checkpoint past step `after`, then sends
+  SIGTERM; returns (exit code, stdout, stderr)."""
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "official_conadv.train"] + args, cwd=ROOT,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 180
+  while time.time() < deadline and proc.poll() is None:
+    latest = tf.train.latest_checkpoint(str(ckpt_dir))
+    if latest and int(latest.rsplit("-", 1)[-1]) > after:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("part,size", [("ckpt-4.data", 100),
+                                       ("ckpt-4.index", 10),
+                                       ("ckpt-4.data", 0)])
+def test_damaged_latest_checkpoint_is_named_and_skipped(part, size, tmp_path,
+                                                        capsys):
+  config = _smoke("train.train_steps=6,train.steps_per_loop=2")
+  full = str(tmp_path / "full")
+  train_lib.run(config, full, mode="train", verbose=0, export=False)
+  model_dir = str(tmp_path / "run")
+  with pytest.raises(train_lib.Preempted):
+    train_lib.run(config, model_dir, mode="train", verbose=0, export=False,
+                  callbacks=[_SigtermAt(4)])
+  assert _checkpoint_steps(model_dir) == [2, 4]
+  ckpt_dir = os.path.join(model_dir, "checkpoints")
+  data = [f for f in os.listdir(ckpt_dir) if f.startswith(part)]
+  with open(os.path.join(ckpt_dir, data[0]), "r+b") as f:
+    f.truncate(size)  # A write cut short.
+  files_before = set(os.listdir(ckpt_dir))
+  capsys.readouterr()
+  summary = train_lib.run(config, model_dir, mode="train", verbose=0,
+                          export=False)
+  out = capsys.readouterr().out
+  assert "ckpt-4 is unreadable" in out and "Resuming from" in out, out
+  assert files_before <= set(os.listdir(ckpt_dir)) | {data[0]}
+  assert summary["step"] == 6
+  _assert_same_checkpoint(full, model_dir)
+
+
+@pytest.mark.parametrize("change,field", [
+    ("train.train_steps=8", "train.train_steps"),
+    ("train.seed=5", "train.seed"),
+    ("train.global_batch_size=16", "train.global_batch_size"),
+    ("data.shuffle_buffer=100", "data.shuffle_buffer"),
+])
+def test_schedule_change_on_restart_is_refused_unless_allowed(
+    change, field, tmp_path, capsys):
+  model_dir = str(tmp_path / "run")
+  base = "train.train_steps=4,train.steps_per_loop=2"
+  train_lib.run(_smoke(base), model_dir, mode="train", verbose=0,
+                export=False)
+  before = _checkpoint_steps(model_dir)
+  code, errors = _main(["--experiment=mnist_smoke", f"--model_dir={model_dir}",
+                        "--verbose=0", "--export=false",
+                        f"--params_override={base},{change}"], capsys)
+  assert code == 2 and field in errors[0] and "--allow_config_change" in \
+      errors[0], errors
+  assert _checkpoint_steps(model_dir) == before
+  code, _ = _main(["--experiment=mnist_smoke", f"--model_dir={model_dir}",
+                   "--verbose=0", "--export=false", "--allow_config_change",
+                   f"--params_override={base},{change}"], capsys)
+  assert code == 0
+
+
+def test_allowed_schedule_change_is_logged(tmp_path, capsys):
+  model_dir = str(tmp_path / "run")
+  train_lib.run(_smoke("train.train_steps=4,train.steps_per_loop=2"),
+                model_dir, mode="train", verbose=0, export=False)
+  capsys.readouterr()
+  summary = train_lib.run(_smoke("train.train_steps=6,train.steps_per_loop=2"),
+                          model_dir, mode="train", verbose=0, export=False,
+                          allow_config_change=True)
+  out = capsys.readouterr().out
+  assert "train.train_steps: 4 in model_dir vs 6 now" in out
+  assert "Learning rate now" in out
+  assert summary["step"] == 6
+
+
+class _SlowLoopEnd(keras.callbacks.Callback):
+  def on_train_end(self, logs=None):
+    time.sleep(1.5)
+
+
+def test_images_per_second_counts_training_steps_only(tmp_path):
+  config = _smoke("train.train_steps=4,train.steps_per_loop=2")
+  summary = train_lib.run(config, str(tmp_path / "run"), mode="train",
+                          verbose=0, export=False, callbacks=[_SlowLoopEnd()])
+  # Two loops each end with a 1.5 s callback, outside the timed steps.
+  assert summary["train_seconds"] < 1.5
+  assert summary["images_per_second"] == pytest.approx(
+      4 * config.train.global_batch_size / summary["train_seconds"])
 
 
 _LOAD_SCRIPT = """
@@ -293,11 +500,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path,
       "--experiment=mnist_smoke", f"--model_dir={model_dir}", "--verbose=0",
       "--params_override=optimizer.name=sgd,optimizer.learning_rate=1e30,"
       "optimizer.warmup_epochs=1000,train.steps_per_loop=1"], capsys)
-  assert code == 1 and "Non-finite loss at step" in errors[0], errors
+  # The loss of the first exploding step is still finite, or its weights are
+  # already not: either way the run stops before saving them.
+  assert code == 1 and "Non-finite" in errors[0], errors
   ckpts = tf.train.get_checkpoint_state(str(model_dir / "checkpoints"))
   assert ckpts is not None
   last = int(ckpts.model_checkpoint_path.rsplit("-", 1)[-1])
-  bad = int(errors[0].split("Non-finite loss at step ")[1].split(";")[0])
+  bad = int(errors[0].split(" step ")[1].split(";")[0])
   assert last < bad
   values = _checkpoint_values(str(model_dir))
   assert all(np.isfinite(v).all() for v in values.values()

@@ -4,7 +4,8 @@ On disk: a tfds data_dir (default ~/tensorflow_datasets) that holds
 `cifar10/3.0.2/`, or network access once so tfds can download it (about
 160 MB). 50,000 train / 10,000 test images, 32x32x3, 10 classes.
 
-Train: pad 4 + random 32x32 crop + random flip (+ optional AutoAugment);
+Train: pad 4 + random 32x32 crop + random flip (AutoAugment, when asked,
+is applied by the input pipeline on the result);
 eval: the image as is. Resized when image_size != 32.
 """
 
@@ -45,7 +46,7 @@ def prepare(data_dir: Optional[str] = None):
 
 
 def source(split: str, *, data_dir: Optional[str], image_size: int = 32,
-           is_training: bool, augmenter=None, pad: int = 4,
+           is_training: bool, pad: int = 4,
            num_examples: Optional[int] = None) -> source_lib.Source:
   """CIFAR-10 (module docstring)."""
   split = source_lib.canonical_split(split)
@@ -61,7 +62,7 @@ def source(split: str, *, data_dir: Optional[str], image_size: int = 32,
   def finish(image, seed):
     if is_training:
       return preprocessing.preprocess_small_train(
-          image, seed, image_size, pad=pad, flip=True, augmenter=augmenter)
+          image, seed, image_size, pad=pad, flip=True)
     return preprocessing.preprocess_small_eval(image, image_size)
 
   return source_lib.Source(

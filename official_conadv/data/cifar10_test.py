@@ -16,7 +16,8 @@ def test_batches(tmp_path, is_training, split):
                           image_size=32, global_batch_size=8,
                           is_training=is_training, seed=0)
     batches = list(ds.take(2))
-  for images, labels in batches:
+  for images, labels, *weights in batches:
+    assert len(weights) == (0 if is_training else 1)
     assert images.shape == (8, 32, 32, 3) and images.dtype == tf.float32
     assert 0.0 <= float(tf.reduce_min(images))
     assert float(tf.reduce_max(images)) <= 1.0

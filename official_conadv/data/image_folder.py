@@ -80,7 +80,9 @@ def records_from_paths(paths: Sequence[str], labels: np.ndarray):
   paths = [paths[i] for i in order]
   labels = np.asarray(labels)[order]
 
-  def records(context: tf.distribute.InputContext, file_seed):
+  def records(context: tf.distribute.InputContext, file_seed, *,
+              by_record: bool = False):
+    del by_record  # Always by element.
     ds = tf.data.Dataset.from_tensor_slices({
         "file": paths, "index": np.zeros(len(paths), np.int64),
         "path": paths, "label": labels})
@@ -94,7 +96,7 @@ def records_from_paths(paths: Sequence[str], labels: np.ndarray):
 
 
 def source(split: str, *, data_dir: str, image_size: int, is_training: bool,
-           augmenter=None, resize_method: str = "bicubic",
+           resize_method: str = "bicubic",
            classes: Optional[Sequence[str]] = None,
            num_examples: Optional[int] = None) -> source_lib.Source:
   """An image folder (module docstring); `classes` overrides the class list
@@ -105,7 +107,7 @@ def source(split: str, *, data_dir: str, image_size: int, is_training: bool,
   return imagenet.inception_source(
       "image_folder", split, records_from_paths(paths, labels),
       lambda p: (tf.io.read_file(p["path"]), p["label"]),
-      image_size=image_size, is_training=is_training, augmenter=augmenter,
+      image_size=image_size, is_training=is_training,
       resize_method=resize_method, num_examples=num_examples or len(paths),
       num_classes=len(classes))
 

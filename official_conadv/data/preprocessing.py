@@ -16,7 +16,9 @@ ImageNet follows the reference TF ResNet preprocessing
     (0.08, 1), 10 attempts), `decode_and_crop_jpeg` of that window only; when
     sampling fails (the window is the whole image) the eval center crop is
     used instead; bicubic resize to image_size; random left-right flip;
-    optional AutoAugment (policy v0) / RandAugment on the uint8 image.
+    rounded to uint8 levels (so the image is exactly what AutoAugment
+    sees); optional AutoAugment (policy v0) / RandAugment on that uint8
+    image (`augment_image`, applied by the input pipeline after the rest).
   eval: center crop of side image_size / (image_size + 32) * min(H, W),
     bicubic resize to image_size.
 """
@@ -164,24 +166,23 @@ def decode_crop(image_bytes: tf.Tensor, seed: Optional[Seed], image_size: int,
 
 
 def finish_crop(crop: tf.Tensor, seed: Optional[Seed], image_size: int,
-                is_training: bool, augmenter=None,
+                is_training: bool,
                 resize_method: str = "bicubic") -> tf.Tensor:
   """The rest of ImageNet preprocessing after `decode_crop`: resize, and for
-  training a random left-right flip and the optional augmenter.
+  training a random left-right flip and rounding to uint8 levels.
 
   Args:
     crop: uint8 [h, w, C].
   Returns:
-    float32 [image_size, image_size, C] in [0, 1].
+    float32 [image_size, image_size, C] in [0, 1]; for training on the
+    1/255 grid (uint8 level / 255).
   """
   image = resize(crop, image_size, resize_method)
   if not is_training:
     return to_unit_float(image)
-  flip_seed, aug_seed = split_seed(seed, 2)
-  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  if augmenter is not None:
-    image = distort(augmenter, to_uint8(image), aug_seed)
-  return to_unit_float(image)
+  image = tf.image.stateless_random_flip_left_right(
+      image, split_seed(seed, 1)[0])
+  return to_unit_float(to_uint8(image))
 
 
 def preprocess_imagenet(image_bytes: tf.Tensor, seed: Optional[Seed],
@@ -193,13 +194,18 @@ def preprocess_imagenet(image_bytes: tf.Tensor, seed: Optional[Seed],
   Args:
     image_bytes: scalar string.
     seed: [2] stateless seed (training only; None for eval).
+    augmenter: from `make_augmenter`, training only: applied last
+      (`augment_image`).
   """
-  crop_seed = finish_seed = None
+  crop_seed = finish_seed = aug_seed = None
   if is_training:
-    crop_seed, finish_seed = split_seed(seed, 2)
+    crop_seed, finish_seed, aug_seed = split_seed(seed, 3)
   crop = decode_crop(image_bytes, crop_seed, image_size, is_training)
-  return finish_crop(crop, finish_seed, image_size, is_training, augmenter,
-                     resize_method)
+  image = finish_crop(crop, finish_seed, image_size, is_training,
+                      resize_method)
+  if is_training and augmenter is not None:
+    image = augment_image(augmenter, image, aug_seed)
+  return image
 
 
 # ------------------------------------------------------- AutoAugment etc.
@@ -325,6 +331,22 @@ def distort(augmenter, image: tf.Tensor, seed: Seed) -> tf.Tensor:
   return out
 
 
+def augment_image(augmenter, image: tf.Tensor, seed: Seed) -> tf.Tensor:
+  """AutoAugment/RandAugment on a float image: `distort` of its uint8
+  levels, back to [0, 1].
+
+  Args:
+    augmenter: from `make_augmenter` (not None).
+    image: float32 [H, W, C] in [0, 1], C = 1 or 3; exact when it lies on
+      the 1/255 grid, as training images do.
+    seed: [2] stateless seed.
+
+  Returns:
+    float32 [H, W, C] in [0, 1] on the 1/255 grid.
+  """
+  return to_unit_float(distort(augmenter, to_uint8(image * 255.0), seed))
+
+
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
   """float in [0, 255] -> uint8, rounded."""
   return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
@@ -359,24 +381,25 @@ def fit_size(image: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def preprocess_small_train(image: tf.Tensor, seed: Seed, image_size: int, *,
-                           pad: int, flip: bool,
-                           augmenter=None) -> tf.Tensor:
+                           pad: int, flip: bool) -> tf.Tensor:
   """Small fixed-size images (MNIST, CIFAR): random shift by pad-and-crop,
-  optional flip and AutoAugment, then `fit_size`.
+  optional flip, then `fit_size` (rounded to uint8 levels when it
+  resizes). AutoAugment, if any, comes after (`augment_image`).
 
   Args:
     image: uint8 [n, n, C].
   Returns:
-    float32 [image_size, image_size, C] in [0, 1].
+    float32 [image_size, image_size, C] in [0, 1] on the 1/255 grid.
   """
-  crop_seed, flip_seed, aug_seed = split_seed(seed, 3)
+  crop_seed, flip_seed = split_seed(seed, 2)
   if pad:
     image = pad_and_random_crop(image, crop_seed, pad)
   if flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  if augmenter is not None:
-    image = distort(augmenter, image, aug_seed)
-  return to_unit_float(fit_size(image, image_size))
+  image = fit_size(image, image_size)
+  if image.dtype != tf.uint8:  # Resized.
+    image = to_uint8(image)
+  return to_unit_float(image)
 
 
 def preprocess_small_eval(image: tf.Tensor, image_size: int) -> tf.Tensor:

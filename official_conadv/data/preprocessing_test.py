@@ -183,3 +183,41 @@ def test_cifar_style_train_is_a_shift_or_flip_of_the_input():
       if np.allclose(win, out) or np.allclose(win[:, ::-1], out):
         found = True
   assert found
+
+
+def test_training_images_lie_on_the_uint8_grid():
+  # What AutoAugment sees (uint8 levels) is exactly the plain image.
+  data = tf.constant(synthetic.encode(_image(60, 90)))
+  big = preprocessing.preprocess_imagenet(data, _seed(2), 40, True).numpy()
+  small = preprocessing.preprocess_small_train(
+      tf.constant(_image(28, 28, 1)), _seed(2), 36, pad=2, flip=False).numpy()
+  for out in (big, small):
+    levels = out * 255.0
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
+    np.testing.assert_array_equal(
+        preprocessing.to_uint8(tf.constant(levels)).numpy(),
+        np.round(levels).astype(np.uint8))
+  assert small.shape == (36, 36, 1)  # 28 -> 36 is a resize (odd margin).
+
+
+def test_augment_image_is_distort_of_the_uint8_levels():
+  augmenter = preprocessing.make_augmenter("test")
+  image = _image(32, 32)
+  unit = tf.constant(image.astype(np.float32) / 255.0)
+  out = preprocessing.augment_image(augmenter, unit, _seed(7))
+  ref = preprocessing.distort(augmenter, tf.constant(image), _seed(7))
+  assert out.dtype == tf.float32 and out.shape == (32, 32, 3)
+  np.testing.assert_array_equal(
+      out.numpy(), ref.numpy().astype(np.float32) / 255.0)
+
+
+def test_preprocess_imagenet_applies_the_augmenter_last():
+  augmenter = preprocessing.make_augmenter("test")
+  data = tf.constant(synthetic.encode(_image(60, 90)))
+  seed = _seed(4)
+  plain = preprocessing.preprocess_imagenet(data, seed, 24, True)
+  out = preprocessing.preprocess_imagenet(data, seed, 24, True, augmenter)
+  aug_seed = preprocessing.split_seed(seed, 3)[2]
+  np.testing.assert_array_equal(
+      out.numpy(),
+      preprocessing.augment_image(augmenter, plain, aug_seed).numpy())

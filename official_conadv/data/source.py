@@ -2,21 +2,36 @@
 
 A `Source` is one split of one dataset, described by three functions:
 
-* `records(input_context, file_seed)`: one epoch of this input pipeline's
-  share of the raw records, as dicts with a location (`"file"`: string,
-  `"index"`: int64, the record's index in that file or listing) and the
-  payload (encoded bytes, a serialized Example, or decoded arrays).
-  Sharding across input pipelines happens here (by file when there are
-  enough files, by element otherwise), and so does the per-epoch file
-  shuffle when `file_seed` is given (training).
+* `records(input_context, file_seed, *, by_record=False)`: one epoch of this
+  input pipeline's share of the raw records, as dicts with a location
+  (`"file"`: string, `"index"`: int64, the record's index in that file or
+  listing) and the payload (encoded bytes, a serialized Example, or decoded
+  arrays).
+  - Sharding across input pipelines happens here: by file when every
+    pipeline gets a file, by record otherwise; `by_record=True` always
+    shards by record (the eval split: shard sizes then differ by at most
+    one), in an order that does not depend on the pipeline or on
+    `tf.data.Options.deterministic`.
+  - `file_seed`: None (eval) reads in a fixed order; an int64 scalar (a
+    Python int or a TENSOR: the pipeline calls `records` inside a
+    `flat_map` over epoch numbers, with a per-epoch seed) shuffles the file
+    order (and, for in-memory sources, the records) with that seed.
+    Sources must accept a tensor here; tfds forwards it to
+    `tfds.ReadConfig(shuffle_seed=...)`, documented as a `tf.int64` seed
+    forwarded to `tf.data.Dataset.shuffle`.
+  - Called once per epoch; must be cheap to build (no I/O beyond listing).
 * `decode(payload, seed) -> (image, label)`: the part that can fail on a
   corrupt record (parse, decode, crop). `image` matches `image_spec` (dtype;
   shape, possibly with unknown dims); `label` is an int scalar class id.
-* `finish(image, seed) -> image`: the rest (resize, flip, AutoAugment,
-  scaling); float32 in [0, 1] of shape `output_shape`.
+* `finish(image, seed) -> image`: the rest (resize, flip, scaling); float32
+  in [0, 1] of shape `output_shape`. Training outputs lie on the 1/255 grid
+  (uint8 levels / 255), so AutoAugment, which the pipeline applies after
+  `finish` on the uint8 image, sees exactly the image the model would see
+  without it.
 
-The input pipeline (`input_pipeline.py`) adds everything common: shuffling,
-repeat, per-element seeds, the corrupt-record guard, batching, prefetch.
+The input pipeline (`input_pipeline.py`) adds everything common: epochs,
+shuffling, per-element seeds, AutoAugment, the corrupt-record guard,
+eval padding, batching, prefetch.
 """
 
 import dataclasses
@@ -43,8 +58,9 @@ def canonical_split(split: str) -> str:
                      "('validation', 'val' and 'test' mean 'eval').") from None
 
 
-Records = Callable[[tf.distribute.InputContext, Optional[int]],
-                   tf.data.Dataset]
+# records(input_context, file_seed, *, by_record=False) -> tf.data.Dataset;
+# file_seed: None, a Python int or an int64 scalar tensor.
+Records = Callable[..., tf.data.Dataset]
 Decode = Callable[[Dict[str, tf.Tensor], tf.Tensor], Tuple[tf.Tensor,
                                                             tf.Tensor]]
 Finish = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
@@ -89,29 +105,41 @@ def join(*parts: str) -> str:
 def tfds_records(builder, tfds_split: str, is_training: bool, *,
                  cycle_length: int = 16):
   """`Source.records` for a tfds dataset with an "image" (encoded bytes,
-  not decoded) and a "label" feature; location from tfds ids."""
+  not decoded) and a "label" feature; location from tfds ids.
+
+  Training (`file_seed` given, a Python int or an int64 tensor): tfds
+  shuffles its shard order with `ReadConfig(shuffle_seed=file_seed)` and
+  reads with a deterministic interleave; no autocache (each epoch is a new
+  dataset, a cache would be rebuilt every epoch). Sharding: by tfds shard
+  when every pipeline gets one, else (and with `by_record`) a contiguous
+  `tfds.even_splits` slice of the split, whose sizes differ by at most one;
+  each pipeline then reads only its slice.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     num_shards = builder.info.splits[tfds_split].num_shards
   except (KeyError, AttributeError, TypeError):  # Unknown (e.g. mocked).
     num_shards = 0
 
-  def records(context: tf.distribute.InputContext, file_seed):
+  def records(context: tf.distribute.InputContext, file_seed, *,
+              by_record: bool = False):
     pipelines = context.num_input_pipelines
-    by_file = pipelines == 1 or shard_by_file(num_shards, context)
+    by_file = not by_record and (pipelines == 1 or
+                                 shard_by_file(num_shards, context))
+    shuffle = bool(is_training and file_seed is not None)
     read_config = tfds.ReadConfig(
         add_tfds_id=True,
-        shuffle_seed=file_seed,
+        shuffle_seed=file_seed if shuffle else None,
         shuffle_reshuffle_each_iteration=True,
         interleave_cycle_length=cycle_length,
+        try_autocache=not shuffle,
         input_context=context if by_file and pipelines > 1 else None)
     split = tfds_split
-    if not by_file:  # Too few shards: a contiguous 1/pipelines of the split.
+    if not by_file and pipelines > 1:  # A contiguous 1/pipelines slice.
       split = tfds.even_splits(tfds_split, n=pipelines)[
           context.input_pipeline_id]
     ds = builder.as_dataset(
-        split=split,
-        shuffle_files=bool(is_training and file_seed is not None),
+        split=split, shuffle_files=shuffle,
         decoders={"image": tfds.decode.SkipDecoding()},
         read_config=read_config)
 

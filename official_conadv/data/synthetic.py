@@ -7,7 +7,7 @@ class-per-subfolder tree of JPEG/PNG files.
 """
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -47,13 +47,16 @@ def imagenet_example(image_bytes: bytes, label: int) -> bytes:
 
 def write_imagenet_tfrecords(
     directory: str, *, prefix: str = "train", num_files: int = 2,
-    per_file: int = 4, size: Tuple[int, int] = (48, 64),
+    per_file: Union[int, Sequence[int]] = 4,
+    size: Tuple[int, int] = (48, 64),
     num_classes: int = 1000, label_offset: int = 1, seed: int = 0,
     corrupt: Sequence[Tuple[int, int]] = (), num_distinct: Optional[int] = None
 ) -> List[Tuple[str, List[int]]]:
   """Writes `num_files` shards `prefix-0000i-of-0000n` of JPEG Examples.
 
   Args:
+    per_file: records per file, or one count per file (then num_files is
+      ignored).
     size: (height, width) of every image.
     corrupt: (file, record) positions whose image/encoded gets garbage bytes.
     num_distinct: encode only this many distinct images and cycle them (fast
@@ -61,19 +64,23 @@ def write_imagenet_tfrecords(
 
   Returns:
     [(path, [label of each record, 0-based])] per file. The class of record
-    r of file f is (f * per_file + r) % num_classes.
+    r of file f is (records in the files before f + r) % num_classes, so
+    labels number the records when num_classes is large enough.
   """
+  counts = ([per_file] * num_files if isinstance(per_file, int)
+            else list(per_file))
+  num_files = len(counts)
   tf.io.gfile.makedirs(directory)
   rng = np.random.RandomState(seed)
   cache = {}
   out = []
-  for f in range(num_files):
+  for f, count in enumerate(counts):
     path = os.path.join(directory,
                         f"{prefix}-{f:05d}-of-{num_files:05d}")
     labels = []
     with tf.io.TFRecordWriter(path) as writer:
-      for r in range(per_file):
-        n = f * per_file + r
+      for r in range(count):
+        n = sum(counts[:f]) + r
         label = n % num_classes
         key = n if num_distinct is None else n % num_distinct
         if key not in cache:

@@ -25,11 +25,75 @@ buffer is made of Keras weights of this model (`only_first_replica`
 aggregation), created in `build()` (inside the strategy scope), so
 `save_weights` and checkpoints carry it and a resumed run is exact.
 
+Staleness counts optimizer updates, not batches. With an optimizer built
+with Keras' `gradient_accumulation_steps=N` one update takes N micro-batches
+(Keras 3.15: the raw counter `optimizer._iterations` counts micro-steps m,
+`optimizer.iterations` returns m // N, the update weights are the mean of the
+N micro-batch gradients; a `LossScaleOptimizer` delegates both to its inner
+optimizer and, when it skips a non-finite step, leaves the counter alone, so
+that micro-batch is simply not counted). At micro-step m, in update
+u = m // N, the weights are theta_u (the weights after u updates) and the
+attack of every micro-batch uses theta_{u - tau} (theta_0 while u < tau):
+slot u mod tau is read at every micro-step, and theta_u is written into it
+after the optimizer call only if that call completed update u (the counter
+crossed a multiple of N), i.e. after the last micro-step of u was really
+applied. That also keeps a skipped loss-scale step from overwriting the slot
+its retry still has to read. The write uses the weights read before the
+update (one transient copy of the trainable weights on update steps). The
+attack's random numbers are seeded with the micro-step m, so micro-batches of
+one update get independent noise. Without accumulation m = u = t.
+
+Inputs (paper Sec. 5, "ConAdv + data augmentation", the "+AA" rows). The
+training input `x` of `fit` is either
+
+  * images float [B, H, W, C] in [0, 1]: the behaviour above; or
+  * {"image": plain, "augmented": aa}, both float [B, H, W, C] in [0, 1], aa
+    the AutoAugment (policy v0) version of the same crop. What trains where
+    depends on `augmented_route`:
+
+      augmented_route="main" (default, DESIGN.md: AutoAugment feeds the clean
+      branch): the main route trains on "augmented"; the adversarial examples
+      are generated from "image" with the stale weights and trained on with
+      the adv route. L = CE_main(aa) + CE_adv(x_adv(image)), the same sum as
+      Algorithm 1. Baseline (adversary=None): CE_main(aa) only.
+
+      augmented_route="aug" (the authors' released code; the backbone needs
+      a third BN set, e.g. `ResNet(augmented_bn=True)`): main route on
+      "image", a third route "aug" on "augmented", adv route on
+      x_adv(image), and label-smoothed CE averaged over all 3B images:
+      L = (CE_main(image) + CE_aug(aa) + CE_adv(x_adv)) / 3
+      (baseline: (CE_main + CE_aug) / 2). What differs from the default:
+      the clean branch sees the un-augmented images, the AutoAugment images
+      get BN statistics of their own, and the branches are averaged instead
+      of summed, so at the same learning rate every branch's gradient is a
+      third of its weight in the default sum (the LARS trust ratio rescales
+      adapted layers, but not the excluded BN parameters and biases, and the
+      weight decay's relative size grows). Regularisation losses
+      (`model.losses`) are added once, outside the average.
+
+`call`, `predict` and `evaluate` use "image" when given the dict.
+
+Evaluation (`evaluate`, `test_step`): data (images, labels) or
+(images, labels, weights), weights float32 [B] in {0, 1} (0 = padding that
+makes every batch full so every image is scored exactly once). Logs:
+
+  loss     = sum_i w_i * loss_i / sum_i w_i over the whole evaluation (all
+             batches and replicas; loss_i the compiled loss per example, plus
+             `model.losses`);
+  metrics  = the compiled metrics (also those passed as `metrics=`, which
+             Keras would not weight) with sample_weight w;
+  examples = sum_i w_i, the number of images scored (a `keras.metrics.Sum`,
+             summed over replicas).
+
+Padding rows never reach a metric: their logits are replaced by zeros before
+the loss and metrics see them (so garbage or NaN padding images are fine);
+their labels must be valid class ids.
+
 The backbone contract: a `keras.Model` whose
 `call(images, training=None, bn_route="main")` takes float images
 [B, H, W, C] in [0, 1] and returns logits [B, num_classes]; `bn_route` is
-"main" (clean) or "adv" (adversarial). Evaluation, `predict` and export use
-"main" only.
+"main" (clean) or "adv" (adversarial), and "aug" (AutoAugment) for
+`augmented_route="aug"`. Evaluation, `predict` and export use "main" only.
 """
 
 import dataclasses
@@ -42,8 +106,14 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 from official_conadv.adversarial import attacks
 from official_conadv.modeling import dual_batch_norm
 
-MAIN = "main"
-ADV = "adv"
+MAIN = dual_batch_norm.MAIN
+ADV = dual_batch_norm.ADV
+AUG = dual_batch_norm.AUG
+# Keys of a dict training input (see the module docstring).
+IMAGE_KEY = "image"
+AUGMENTED_KEY = "augmented"
+# Values of ConAdvModel's `augmented_route`.
+AUGMENTED_ROUTES = (MAIN, AUG)
 
 
 @keras.saving.register_keras_serializable(package="official_conadv")
@@ -52,10 +122,12 @@ class AdversaryConfig(attacks.AttackConfig):
   """The attack (see `attacks.AttackConfig`) plus the staleness and seed.
 
   Attributes:
-    delay: tau >= 0, how many steps old the attack's weights are. 0 is
-      sequential (AdvProp-style) adversarial training, >= 1 is ConAdv.
+    delay: tau >= 0, how many optimizer updates old the attack's weights
+      are. 0 is sequential (AdvProp-style) adversarial training, >= 1 is
+      ConAdv. With gradient accumulation it counts updates, not batches.
     seed: base seed of the attack's stateless random numbers (noise, random
-      targets, start-from-clean draws); step t uses (seed, t).
+      targets, start-from-clean draws); micro-step m (= step t without
+      gradient accumulation) uses (seed, m).
   """
 
   delay: int = 1
@@ -89,56 +161,120 @@ def _accuracy(labels, logits):
   return tf.cast(tf.equal(predicted, attacks.label_ids(labels)), tf.float32)
 
 
+def _optimizer_counter(optimizer):
+  """(inner optimizer, N): the optimizer that counts micro-steps and its
+  `gradient_accumulation_steps` (1 without accumulation).
+
+  A `keras.optimizers.LossScaleOptimizer` delegates its counter and the
+  accumulation to `inner_optimizer` (it refuses `gradient_accumulation_steps`
+  itself).
+  """
+  inner = getattr(optimizer, "inner_optimizer", optimizer)
+  steps = getattr(inner, "gradient_accumulation_steps", None) or 1
+  return inner, int(steps)
+
+
 @keras.saving.register_keras_serializable(package="official_conadv")
 class ConAdvModel(keras.Model):
   """Trains `backbone` with clean + (stale-weight) adversarial examples.
+
+  See the module docstring for the algorithm (paper Algorithm 1), gradient
+  accumulation, the AutoAugment inputs and the evaluation contract.
 
   Args:
     backbone: a `keras.Model` following the dual-BN backbone contract.
     adversary: `AdversaryConfig` (or its config dict), or None for the plain
       baseline.
+    augmented_route: where the "augmented" images of a dict input train:
+      "main" (default: they replace the clean images on the main BN route)
+      or "aug" (the authors' three-branch form: a third BN route, loss
+      averaged over the three branches; the backbone must have the route,
+      e.g. `ResNet(augmented_bn=True)`, and training inputs must be dicts).
+    **kwargs: `keras.Model` arguments (name, ...).
 
   Logs during `fit`: `loss` (total), `clean_loss`, `adv_loss`,
-  `clean_accuracy`, `adv_accuracy` and the compiled metrics (on the clean
-  logits), all unscaled whatever the number of replicas. `evaluate` reports
-  `loss` and the compiled metrics on the main BN.
+  `clean_accuracy`, `adv_accuracy`, with augmented_route="aug" also
+  `aug_loss` and `aug_accuracy`, and the compiled metrics (on the main-route
+  logits), all unscaled whatever the number of replicas (no `adv_*` in
+  baseline mode). `evaluate` reports `loss`, the compiled metrics (main BN,
+  weighted by the sample weights) and `examples` (images scored).
+
+  Raises:
+    ValueError: bad `adversary` or `augmented_route`, or augmented_route="aug"
+      with a backbone without an "aug" BN route.
   """
 
-  def __init__(self, backbone, adversary=None, **kwargs):
+  def __init__(self, backbone, adversary=None, augmented_route=MAIN,
+               **kwargs):
     super().__init__(**kwargs)
     if isinstance(adversary, dict):
       adversary = AdversaryConfig.from_config(adversary)
     if adversary is not None and not isinstance(adversary, AdversaryConfig):
       raise ValueError("`adversary` must be an AdversaryConfig, its config "
                        f"dict or None, got {type(adversary).__name__}.")
+    if augmented_route not in AUGMENTED_ROUTES:
+      raise ValueError(f"`augmented_route` must be one of {AUGMENTED_ROUTES}, "
+                       f"got {augmented_route!r}.")
+    if augmented_route == AUG and getattr(backbone, "augmented_bn",
+                                          None) is False:
+      raise ValueError(_no_aug_route_message(backbone))
     self.backbone = backbone
     self.adversary = adversary
+    self.augmented_route = augmented_route
     self._stale_buffer = []  # tau * num_trainable Keras variables.
+    self._evaluating = False  # True inside `evaluate` (see get_metrics_result).
     self.clean_loss_tracker = keras.metrics.Mean(name="clean_loss")
     self.adv_loss_tracker = keras.metrics.Mean(name="adv_loss")
     self.clean_accuracy_tracker = keras.metrics.Mean(name="clean_accuracy")
     self.adv_accuracy_tracker = keras.metrics.Mean(name="adv_accuracy")
+    self.aug_loss_tracker = keras.metrics.Mean(name="aug_loss")
+    self.aug_accuracy_tracker = keras.metrics.Mean(name="aug_accuracy")
+    self.examples_tracker = keras.metrics.Sum(name="examples")
     self._train_trackers = (self.clean_loss_tracker, self.adv_loss_tracker,
                             self.clean_accuracy_tracker,
-                            self.adv_accuracy_tracker)
+                            self.adv_accuracy_tracker, self.aug_loss_tracker,
+                            self.aug_accuracy_tracker)
 
   @property
   def delay(self):
     return None if self.adversary is None else self.adversary.delay
 
+  @property
+  def _three_branch(self):
+    return self.augmented_route == AUG
+
   # ----------------------------------------------------------------- build
   def build(self, input_shape):
-    """Builds both BN routes of the backbone, then the stale-weight buffer.
+    """Builds the backbone's BN routes, then the stale-weight buffer.
+
+    Args:
+      input_shape: the image shape (B, H, W, C), or a dict with an "image"
+        shape (the training-input dict).
 
     Call it (or `fit`, which calls it) inside the strategy scope: the buffer
-    must be created there, and the optimizer must see the adversarial BN
-    variables when it is built.
+    must be created there, and the optimizer must see the adversarial (and
+    "aug") BN variables when it is built.
     """
+    if isinstance(input_shape, dict):
+      if IMAGE_KEY not in input_shape:
+        raise ValueError(f"A dict input needs an {IMAGE_KEY!r} entry, got "
+                         f"keys {sorted(input_shape)}.")
+      input_shape = input_shape[IMAGE_KEY]
     spec = keras.KerasTensor(tuple(input_shape), dtype="float32")
-    routes = (MAIN,) if self.adversary is None else (MAIN, ADV)
+    routes = [MAIN]
+    if self.adversary is not None:
+      routes.append(ADV)
+    if self._three_branch:
+      routes.append(AUG)
     for route in routes:
-      keras.src.backend.compute_output_spec(
-          lambda x, r=route: self.backbone(x, training=True, bn_route=r), spec)
+      try:
+        keras.src.backend.compute_output_spec(
+            lambda x, r=route: self.backbone(x, training=True, bn_route=r),
+            spec)
+      except ValueError as err:
+        if route == AUG:
+          raise ValueError(_no_aug_route_message(self.backbone)) from err
+        raise
     if self.delay:
       # ON_READ + ONLY_FIRST_REPLICA: every replica keeps and writes its own
       # copy (all replicas write the same theta_t), so the writes need no
@@ -155,27 +291,95 @@ class ConAdvModel(keras.Model):
         ]
     self.built = True
 
+  def _build_from_data(self, x):
+    """Builds on the first traced step if nothing built the model before.
+
+    Under a `tf.distribute` strategy scope Keras builds the model
+    symbolically before the first step (`self(x)`); on the default strategy
+    it defers building to the first trace of the step, which never calls
+    `self` in training, so the stale-weight buffer would be missing.
+    """
+    if not self.built:
+      self.build(tuple(self._plain_images(x).shape))
+
+  # ----------------------------------------------------------------- inputs
+  @staticmethod
+  def _plain_images(x):
+    """The un-augmented images of `x` (a tensor, or the dict's "image")."""
+    if isinstance(x, dict):
+      if IMAGE_KEY not in x:
+        raise ValueError(f"A dict input needs an {IMAGE_KEY!r} entry, got "
+                         f"keys {sorted(x)}.")
+      return x[IMAGE_KEY]
+    return x
+
+  def _training_inputs(self, x):
+    """(main-route images, images to attack, aug-route images or None)."""
+    if not isinstance(x, dict):
+      if self._three_branch:
+        raise ValueError(
+            "augmented_route='aug' trains on {'image': ..., 'augmented': ...} "
+            f"inputs, got a plain {type(x).__name__}.")
+      return x, x, None
+    missing = {IMAGE_KEY, AUGMENTED_KEY} - set(x)
+    if missing:
+      raise ValueError(f"A dict training input needs the keys {IMAGE_KEY!r} "
+                       f"and {AUGMENTED_KEY!r}, got {sorted(x)}.")
+    image, augmented = x[IMAGE_KEY], x[AUGMENTED_KEY]
+    if self._three_branch:
+      return image, image, augmented
+    return augmented, image, None
+
   # ----------------------------------------------------------------- calls
   def call(self, inputs, training=False):
-    """Inference on the main (clean) BN: images [B, H, W, C] -> logits."""
-    return self.backbone(inputs, training=training, bn_route=MAIN)
+    """Inference on the main (clean) BN.
+
+    Args:
+      inputs: images float [B, H, W, C] in [0, 1], or a dict whose "image"
+        entry is used.
+      training: BN batch statistics (and a main-route moving update).
+
+    Returns:
+      logits [B, num_classes].
+    """
+    return self.backbone(self._plain_images(inputs), training=training,
+                         bn_route=MAIN)
 
   def stale_slot(self, slot):
     """The ring buffer's slot `slot` (variables parallel to the backbone's
-    trainable variables); holds theta_t for the last t with t % tau == slot."""
+    trainable variables); holds theta_u for the last completed update u with
+    u % tau == slot."""
     n = len(self.backbone.trainable_variables)
     return self._stale_buffer[slot * n:(slot + 1) * n]
 
-  def _stale_weights(self, step):
-    """Returns theta_{step - tau} as tensors and writes theta_step into its slot.
+  def _micro_step(self):
+    """m: the optimizer's raw counter (micro-steps applied), int64 scalar.
 
-    Reads happen before the write (TF orders stateful ops on one resource by
-    program order), so the returned tensors are the old slot contents.
+    0 without a compiled optimizer.
+    """
+    if self.optimizer is None:
+      return tf.constant(0, tf.int64)
+    inner, _ = _optimizer_counter(self.optimizer)
+    counter = getattr(inner, "_iterations", None)
+    if counter is None:  # Keras without a raw counter: iterations is raw.
+      counter = inner.iterations
+    return tf.cast(tf.convert_to_tensor(counter), tf.int64)
+
+  def _accumulation_steps(self):
+    if getattr(self, "optimizer", None) is None:  # Not compiled (benchmarks).
+      return 1
+    return _optimizer_counter(self.optimizer)[1]
+
+  def _stale_weights(self, step):
+    """theta_{u - tau} as tensors, u = step // N (the update of micro-step
+    `step`); theta_0 while u < tau. Fills every slot with the current
+    weights at step 0. Writes happen in `_record_stale_weights`.
     """
     current = self.backbone.trainable_variables
     tau = self.delay
     if tau == 0:
       return [tf.convert_to_tensor(v) for v in current]
+    step = tf.cast(step, tf.int64)
 
     def fill_all():
       for slot in range(tau):
@@ -187,35 +391,53 @@ class ConAdvModel(keras.Model):
     # backbone weights into an untrained model). A resumed run (step > 0)
     # restores the buffer from its checkpoint instead.
     tf.cond(tf.equal(step, 0), fill_all, lambda: tf.constant(False))
-    slot_index = tf.cast(step % tau, tf.int32)
 
     def read(slot):
       return lambda: [tf.convert_to_tensor(b) for b in self.stale_slot(slot)]
 
+    if tau == 1:
+      return read(0)()
+    update = step // self._accumulation_steps()
+    slot_index = tf.cast(update % tau, tf.int32)
+    return tf.switch_case(slot_index, [read(s) for s in range(tau)])
+
+  def _record_stale_weights(self, step, theta):
+    """After the optimizer call of micro-step `step`: if it completed update
+    u = step // N (the counter reached (u + 1) * N), writes theta (= theta_u,
+    the weights read before the call) into slot u mod tau; otherwise (an
+    accumulation micro-step, or a skipped loss-scale step) writes nothing.
+    """
+    tau = self.delay
+    n = self._accumulation_steps()
+    update = tf.cast(step, tf.int64) // n
+    # Read after the optimizer call (ordered by the counter's resource).
+    completed = tf.greater(self._micro_step() // n, update)
+    slot_index = tf.cast(update % tau, tf.int32)
+
     def write(slot):
       def fn():
-        for buf, v in zip(self.stale_slot(slot), current):
-          buf.assign(v)
+        for buf, value in zip(self.stale_slot(slot), theta):
+          buf.assign(value)
         return tf.constant(True)
       return fn
 
-    if tau == 1:
-      stale = read(0)()
-      with tf.control_dependencies(stale):
-        write(0)()
-    else:
-      stale = tf.switch_case(slot_index, [read(s) for s in range(tau)])
-      with tf.control_dependencies(stale):
-        tf.switch_case(slot_index, [write(s) for s in range(tau)])
-    return stale
+    def write_slot():
+      if tau == 1:
+        return write(0)()
+      return tf.switch_case(slot_index, [write(s) for s in range(tau)])
+
+    tf.cond(completed, write_slot, lambda: tf.constant(False))
 
   def adversarial_examples(self, images, labels, step):
-    """x_adv for this step from theta_{step - tau} (see module docstring).
+    """x_adv for micro-step `step` from theta_{u - tau} (module docstring).
 
     Args:
-      images: float [B, H, W, C] in [0, 1] (this replica's batch).
+      images: float [B, H, W, C] in [0, 1] (this replica's batch; the
+        un-augmented "image" of a dict input).
       labels: int [B] or one-hot [B, C].
-      step: int scalar, the global step t.
+      step: int scalar, the optimizer's micro-step counter m (= the global
+        step t without gradient accumulation). It seeds the attack's random
+        numbers; the weights are those of update u = m // N.
 
     Returns:
       float [B, H, W, C] in [0, 1], within epsilon of `images` (L-inf).
@@ -240,24 +462,50 @@ class ConAdvModel(keras.Model):
                               seed=seed, batch_seed=batch_seed + 1)
 
   # ----------------------------------------------------------------- steps
+  def _regularization_loss(self):
+    """sum(model.losses), scaled by 1 / replicas as Keras' compute_loss."""
+    losses = self.losses
+    if not losses:
+      return tf.constant(0.0, tf.float32)
+    total = tf.add_n([tf.reduce_sum(tf.cast(l, tf.float32)) for l in losses])
+    return keras_loss_module.scale_loss_for_distribution(total)
+
   def train_step(self, data):
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-    step = self.optimizer.iterations
+    self._build_from_data(x)
+    main_images, attack_images, aug_images = self._training_inputs(x)
+    step = self._micro_step()
     if self.adversary is not None:
-      x_adv = self.adversarial_examples(x, y, step)
+      x_adv = self.adversarial_examples(attack_images, y, step)
 
     with tf.GradientTape() as tape:
-      logits = tf.cast(self.backbone(x, training=True, bn_route=MAIN),
+      logits = tf.cast(self.backbone(main_images, training=True, bn_route=MAIN),
                        tf.float32)
-      # compute_loss adds model.losses and scales by 1 / replicas.
-      clean_loss = self._compute_loss(
-          x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=True)
-      loss = clean_loss
       if self.adversary is not None:
         adv_logits = tf.cast(
             self.backbone(x_adv, training=True, bn_route=ADV), tf.float32)
         adv_loss = self._compile_loss(y, adv_logits, sample_weight)
-        loss = clean_loss + adv_loss
+      if self._three_branch:
+        # The authors' form: CE averaged over the 3B (or 2B) images.
+        aug_logits = tf.cast(
+            self.backbone(aug_images, training=True, bn_route=AUG),
+            tf.float32)
+        aug_loss = self._compile_loss(y, aug_logits, sample_weight)
+        regularization = self._regularization_loss()
+        clean_ce = self._compile_loss(y, logits, sample_weight)
+        branches = [clean_ce, aug_loss]
+        if self.adversary is not None:
+          branches.append(adv_loss)
+        loss = tf.add_n(branches) / float(len(branches)) + regularization
+        clean_loss = clean_ce + regularization
+      else:
+        # compute_loss adds model.losses and scales by 1 / replicas.
+        clean_loss = self._compute_loss(
+            x=main_images, y=y, y_pred=logits, sample_weight=sample_weight,
+            training=True)
+        loss = clean_loss
+        if self.adversary is not None:
+          loss = clean_loss + adv_loss
       scaled_loss = self.optimizer.scale_loss(loss)
 
     variables = self.trainable_variables
@@ -265,9 +513,14 @@ class ConAdvModel(keras.Model):
     # Variables without a gradient (the adversarial BN in baseline mode) are
     # left out: under Mirrored, None gradients desynchronise the collectives.
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+    if self.delay:
+      theta = [tf.convert_to_tensor(v)
+               for v in self.backbone.trainable_variables]
     self.optimizer.apply_gradients(pairs)
+    if self.delay:
+      self._record_stale_weights(step, theta)
 
-    batch = tf.shape(x)[0]
+    batch = tf.shape(logits)[0]
     unscale = keras_loss_module.unscale_loss_for_distribution
     self._loss_tracker.update_state(unscale(loss), sample_weight=batch)
     self.clean_loss_tracker.update_state(unscale(clean_loss),
@@ -279,28 +532,112 @@ class ConAdvModel(keras.Model):
                                          sample_weight=batch)
       self.adv_accuracy_tracker.update_state(_accuracy(y, adv_logits),
                                              sample_weight=sample_weight)
+    if self._three_branch:
+      self.aug_loss_tracker.update_state(unscale(aug_loss),
+                                         sample_weight=batch)
+      self.aug_accuracy_tracker.update_state(_accuracy(y, aug_logits),
+                                             sample_weight=sample_weight)
     if self._compile_metrics is not None:
       self._compile_metrics.update_state(y, logits, sample_weight)
-    logs = self.get_metrics_result()
-    if self.adversary is None:
-      logs.pop("adv_loss", None)
-      logs.pop("adv_accuracy", None)
-    return logs
+    return self._logs(training=True)
+
+  def _per_example_loss(self, y, logits):
+    """The compiled loss per example, float32 [B], plus `model.losses`.
+
+    Uses the compiled `keras.losses.Loss`'s `call` (its per-sample values,
+    before any reduction), times the compiled loss weight. None if no loss
+    was compiled.
+    """
+    compile_loss = self._compile_loss
+    if compile_loss is None:
+      return None
+    if not compile_loss.built:
+      compile_loss.build(y, logits)
+    flat = compile_loss._flat_losses  # pylint: disable=protected-access
+    if len(flat) != 1:
+      raise ValueError("ConAdvModel has one output and takes one compiled "
+                       f"loss, got {len(flat)}.")
+    loss_fn, loss_weight = flat[0].loss, flat[0].loss_weights
+    values = loss_fn.call(tf.cast(y, loss_fn.dtype),
+                          tf.cast(logits, loss_fn.dtype))
+    values = tf.cast(values, tf.float32)
+    if values.shape.rank is not None and values.shape.rank > 1:
+      values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+    if loss_weight is not None:
+      values = values * float(loss_weight)
+    if self.losses:
+      values = values + tf.add_n(
+          [tf.reduce_sum(tf.cast(l, tf.float32)) for l in self.losses])
+    return values
 
   def test_step(self, data):
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
     logits = tf.cast(self(x, training=False), tf.float32)
-    loss = self._compute_loss(
-        x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=False)
-    self._loss_tracker.update_state(
-        keras_loss_module.unscale_loss_for_distribution(loss),
-        sample_weight=tf.shape(x)[0])
-    if self._compile_metrics is not None:
-      self._compile_metrics.update_state(y, logits, sample_weight)
-    logs = self.get_metrics_result()
-    for tracker in self._train_trackers:
-      logs.pop(tracker.name, None)
+    batch = tf.shape(logits)[0]
+    if sample_weight is None:
+      weights = tf.ones([batch], tf.float32)
+    else:
+      weights = tf.reshape(tf.cast(sample_weight, tf.float32), [batch])
+    # Padding rows (weight 0) get zero logits: whatever their images were
+    # (zeros, garbage, NaN), nothing non-finite reaches loss or metrics.
+    logits = tf.where(tf.not_equal(weights, 0.0)[:, None], logits,
+                      tf.zeros_like(logits))
+    per_example = self._per_example_loss(y, logits)
+    if per_example is not None:
+      # Mean: total += sum(w * loss_i), count += sum(w) per replica; the
+      # result sums both over replicas, so loss = sum(w loss) / sum(w).
+      self._loss_tracker.update_state(per_example, sample_weight=weights)
+    self.examples_tracker.update_state(tf.reduce_sum(weights))
+    compile_metrics = self._compile_metrics
+    if compile_metrics is not None:
+      if not compile_metrics.built:
+        compile_metrics.build(y, logits)
+      # Every compiled metric weighted, also those passed as `metrics=`
+      # (Keras gives sample_weight only to `weighted_metrics`).
+      for metric in compile_metrics.metrics:
+        metric.update_state(y, logits, sample_weight=weights)
+    return self._logs(training=False)
+
+  # ----------------------------------------------------------------- logs
+  def _hidden_logs(self, training):
+    """Names of metrics that do not belong in the logs of this phase."""
+    hidden = set()
+    if training:
+      hidden.add(self.examples_tracker.name)
+    else:
+      hidden.update(t.name for t in self._train_trackers)
+    if self.adversary is None:
+      hidden.update((self.adv_loss_tracker.name,
+                     self.adv_accuracy_tracker.name))
+    if not self._three_branch:
+      hidden.update((self.aug_loss_tracker.name,
+                     self.aug_accuracy_tracker.name))
+    return hidden
+
+  def _logs(self, training):
+    logs = super().get_metrics_result()
+    for name in self._hidden_logs(training):
+      logs.pop(name, None)
     return logs
+
+  def get_metrics_result(self):
+    """Metric results of the current phase (`fit` or `evaluate`).
+
+    Keras ends `fit` epochs and `evaluate` with this method (read in the
+    cross-replica context, so every metric is aggregated over replicas) when
+    its keys equal those of the step logs; otherwise it keeps the last
+    step's logs, which are per-replica results averaged over replicas and
+    wrong for weighted sums. Filtering by phase keeps the keys equal.
+    """
+    return self._logs(training=not self._evaluating)
+
+  def evaluate(self, *args, **kwargs):
+    """`keras.Model.evaluate`; see the module docstring for the logs."""
+    previous, self._evaluating = self._evaluating, True
+    try:
+      return super().evaluate(*args, **kwargs)
+    finally:
+      self._evaluating = previous
 
   # ----------------------------------------------------------------- export
   def inference_model(self):
@@ -333,6 +670,7 @@ class ConAdvModel(keras.Model):
         "backbone": keras.saving.serialize_keras_object(self.backbone),
         "adversary": (None if self.adversary is None else
                       self.adversary.get_config()),
+        "augmented_route": self.augmented_route,
     })
     return config
 
@@ -344,14 +682,21 @@ class ConAdvModel(keras.Model):
     return cls(**config)
 
 
+def _no_aug_route_message(backbone):
+  return (f"augmented_route='aug' needs a backbone with an 'aug' BN route "
+          f"(e.g. ResNet/SmallCNN(augmented_bn=True)); {backbone.name!r} has "
+          "none.")
+
+
 def inference_model(backbone):
-  """A copy of `backbone` without the adversarial BN, main weights copied.
+  """A copy of `backbone` without the auxiliary BN sets, main weights copied.
 
   The copy is rebuilt from `backbone.get_config()` inside
   `dual_batch_norm.main_only()`, so its `DualBatchNormalization` layers hold
-  only the main set; its variables are exactly the backbone's non-`adv`
-  variables, in order. Its `call(images, training=False)` returns the same
-  logits as `backbone(images, training=False, bn_route="main")`.
+  only the main set (no `adv`, no `aug`); its variables are exactly the
+  backbone's variables outside `/adv/` and `/aug/`, in order. Its
+  `call(images, training=False)` returns the same logits as
+  `backbone(images, training=False, bn_route="main")`.
   """
   if not backbone.built:
     raise ValueError("`backbone` must be built before exporting it.")
@@ -359,7 +704,7 @@ def inference_model(backbone):
     clone = backbone.__class__.from_config(backbone.get_config())
   shape = _input_shape(backbone)
   clone(tf.zeros((1,) + tuple(shape[1:]), tf.float32), training=False)
-  source = [v for v in backbone.weights if not _is_adv(v)]
+  source = [v for v in backbone.weights if not _is_auxiliary(v)]
   if len(source) != len(clone.weights):
     raise ValueError(
         f"Backbone {backbone.name!r} has {len(source)} main-route weights but "
@@ -375,6 +720,13 @@ def inference_model(backbone):
 
 def _is_adv(variable):
   return f"/{ADV}/" in f"/{variable.path}/"
+
+
+def _is_auxiliary(variable):
+  """True for a variable of an auxiliary BN set (`<bn>/adv/`, `<bn>/aug/`)."""
+  path = f"/{variable.path}/"
+  return any(f"/{route}/" in path
+             for route in dual_batch_norm.AUXILIARY_ROUTES)
 
 
 def _input_shape(model):

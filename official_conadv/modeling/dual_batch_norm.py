@@ -6,6 +6,12 @@ and statistics in every BN layer: `main` for clean images and `adv` for
 adversarial ones. Convolutions and the classifier are shared. Evaluation and
 export use `main` only.
 
+Optionally (`augmented=True`) a third set, `aug`, serves AutoAugment images:
+the authors' released code for the paper's "+AA" rows splits BN by thirds
+(clean, AutoAugment, adversarial; see `conadv_model.ConAdvModel`'s
+`augmented_route="aug"`). It is off by default, so a layer holds two sets and
+the variable paths of existing models do not change.
+
   inputs [..., C] (axis=-1) or [B, C, H, W] (axis=1), any float dtype
     -> gamma_r * (x - mean) / sqrt(var + epsilon) + beta_r,   r = bn_route
   training=True : (mean, var) = biased batch moments; only route r's moving
@@ -20,7 +26,10 @@ export in `conadv_model` match on them):
   <layer>/adv/gamma, <layer>/adv/beta, <layer>/adv/moving_mean, ...
       the adversarial set, held by a nested sub-layer named "adv", so a
       checkpoint or `.keras` file of a main-only model (`adversarial=False`,
-      see `main_only()`) simply lacks that sub-tree.
+      see `main_only()`) simply lacks that sub-tree;
+  <layer>/aug/gamma, <layer>/aug/beta, <layer>/aug/moving_mean, ...
+      the AutoAugment set (only with `augmented=True`), a sub-layer named
+      "aug" built after "adv", dropped by `main_only()` the same way.
 
 Numerics follow Keras 3 `BatchNormalization` exactly (its momentum convention,
 biased batch variance for the moving update, float32 statistics under mixed
@@ -53,23 +62,37 @@ import tensorflow as tf
 
 MAIN = "main"
 ADV = "adv"
+AUG = "aug"
+# The two routes of every dual BN (paper Algorithm 1).
 ROUTES = (MAIN, ADV)
+# Every valid `bn_route`: "aug" exists only on layers built with
+# augmented=True.
+ALL_ROUTES = (MAIN, ADV, AUG)
+# Routes served by an auxiliary sub-layer `<layer>/<route>/` (export drops
+# every variable under one of them).
+AUXILIARY_ROUTES = (ADV, AUG)
 
 _FUSED_DTYPES = ("float16", "bfloat16", "float32")
 _local = threading.local()
 
 
 def validate_route(bn_route):
-  """Raises ValueError unless `bn_route` is "main" or "adv" (a Python str)."""
-  if not isinstance(bn_route, str) or bn_route not in ROUTES:
+  """Raises ValueError unless `bn_route` is "main", "adv" or "aug" (a str).
+
+  Whether a given layer has the "aug" set (or, after export, the "adv" one)
+  is checked when it is called (`DualBatchNormalization.route_weights`).
+  """
+  if not isinstance(bn_route, str) or bn_route not in ALL_ROUTES:
     raise ValueError(
-        f"`bn_route` must be one of {ROUTES} ({MAIN!r}: clean images, "
-        f"{ADV!r}: adversarial images), got {bn_route!r}.")
+        f"`bn_route` must be one of {ALL_ROUTES} ({MAIN!r}: clean images, "
+        f"{ADV!r}: adversarial images, {AUG!r}: AutoAugment images with "
+        f"a third BN set), got {bn_route!r}.")
 
 
 @contextlib.contextmanager
 def main_only():
-  """Every `DualBatchNormalization` constructed inside gets adversarial=False.
+  """Every `DualBatchNormalization` constructed inside gets adversarial=False
+  and augmented=False (main set only).
 
   Rebuilds a backbone without the adversarial BN from its config, e.g. for
   export:
@@ -120,10 +143,11 @@ def _add_bn_weights(layer, dim, owner):
 
 
 class _BatchNormSet(keras.layers.Layer):
-  """Holds the adversarial BN weights (never called; read by its parent).
+  """Holds an auxiliary BN set ("adv" or "aug"; never called, read by its
+  parent).
 
   A sub-layer, rather than more weights on the parent, so the variables get
-  the path `<parent>/adv/<name>` and the `.keras`/checkpoint tree of the
+  the path `<parent>/<route>/<name>` and the `.keras`/checkpoint tree of the
   parent keeps the main set where a plain BN keeps it.
   """
 
@@ -144,7 +168,7 @@ class _BatchNormSet(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="official_conadv")
 class DualBatchNormalization(keras.layers.Layer):
-  """Batch norm with a `main` and an `adv` parameter/statistics set.
+  """Batch norm with a `main` and an `adv` (and optionally `aug`) set.
 
   Args:
     axis: the normalised (channel) axis, e.g. -1 for NHWC, 1 for NCHW.
@@ -160,6 +184,9 @@ class DualBatchNormalization(keras.layers.Layer):
       fused kernel.
     adversarial: create the `adv` set. False (export, see `main_only()`)
       makes bn_route="adv" an error.
+    augmented: create a third set `aug` (under `<layer>/aug/`) for
+      AutoAugment images, as the authors' three-way BN split. False (the
+      default, and always under `main_only()`) makes bn_route="aug" an error.
     fused: None = fused kernel where possible (4-D input, channel axis 1 or
       -1/3, float16/bfloat16/float32 input, float32 weights, not a
       synchronized training call); True = require it (ValueError at build if
@@ -171,7 +198,8 @@ class DualBatchNormalization(keras.layers.Layer):
     training: Python bool; True = batch statistics and a moving-statistics
       update of the chosen route (a layer with trainable=False always runs in
       inference mode, like Keras BN).
-    bn_route: "main" (clean images) or "adv" (adversarial images).
+    bn_route: "main" (clean images), "adv" (adversarial images) or "aug"
+      (AutoAugment images; needs augmented=True).
 
   Returns:
     Tensor of the input's shape in the layer's compute dtype.
@@ -181,7 +209,7 @@ class DualBatchNormalization(keras.layers.Layer):
                scale=True, beta_initializer="zeros", gamma_initializer="ones",
                moving_mean_initializer="zeros",
                moving_variance_initializer="ones", synchronized=False,
-               adversarial=True, fused=None, **kwargs):
+               adversarial=True, fused=None, augmented=False, **kwargs):
     super().__init__(**kwargs)
     if fused not in (None, True, False):
       raise ValueError(f"`fused` must be None, True or False, got {fused!r}.")
@@ -202,10 +230,13 @@ class DualBatchNormalization(keras.layers.Layer):
         moving_variance_initializer)
     self.synchronized = bool(synchronized)
     self.adversarial = bool(adversarial) and not main_only_active()
+    self.augmented = bool(augmented) and not main_only_active()
     self.fused = fused
     self.gamma = self.beta = self.moving_mean = self.moving_variance = None
     self.adv = (_BatchNormSet(self, name=ADV, dtype=self.dtype_policy)
                 if self.adversarial else None)
+    self.aug = (_BatchNormSet(self, name=AUG, dtype=self.dtype_policy)
+                if self.augmented else None)
     self._axis = None
     self._reduction_axes = None
     self._bn_axis = None
@@ -226,6 +257,8 @@ class DualBatchNormalization(keras.layers.Layer):
      self.moving_variance) = _add_bn_weights(self, dim, self)
     if self.adv is not None:
       self.adv.build((dim,))
+    if self.aug is not None:
+      self.aug.build((dim,))
     self._reduction_axes = [i for i in range(rank) if i != self._axis]
     # -1 for the last axis: the TF backend then broadcasts without reshapes.
     self._bn_axis = -1 if self._axis == rank - 1 else self._axis
@@ -252,6 +285,13 @@ class DualBatchNormalization(keras.layers.Layer):
             f"Layer {self.name!r} has no adversarial BN (adversarial=False, "
             f"e.g. built under main_only()); bn_route must be {MAIN!r}.")
       owner = self.adv
+    elif bn_route == AUG:
+      if self.aug is None:
+        raise ValueError(
+            f"Layer {self.name!r} has no AutoAugment BN set (augmented=False "
+            f"or built under main_only()); bn_route={AUG!r} needs "
+            "augmented=True.")
+      owner = self.aug
     else:
       owner = self
     return owner.gamma, owner.beta, owner.moving_mean, owner.moving_variance
@@ -358,5 +398,6 @@ class DualBatchNormalization(keras.layers.Layer):
         synchronized=self.synchronized,
         adversarial=self.adversarial,
         fused=self.fused,
+        augmented=self.augmented,
     )
     return config

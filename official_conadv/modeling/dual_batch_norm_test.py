@@ -339,3 +339,61 @@ def test_synchronized_mirrored_equals_one_device(shape):
           lambda a: local(a, training=True, bn_route="adv"),
           args=(dist_x,))))])
   assert not np.allclose(y_local, y_single, atol=1e-3)
+
+
+def test_augmented_set_paths_numerics_and_isolation():
+  """augmented=True adds a third set under `<bn>/aug/` (the authors'
+  three-way BN split); the main and adv paths stay where they were."""
+  inputs = keras.Input((4, 4, 3))
+  model = keras.Model(inputs, DualBN(name="bn1", augmented=True)(inputs))
+  assert [v.path for v in model.weights] == [
+      "bn1/gamma", "bn1/beta", "bn1/moving_mean", "bn1/moving_variance",
+      "bn1/adv/gamma", "bn1/adv/beta", "bn1/adv/moving_mean",
+      "bn1/adv/moving_variance",
+      "bn1/aug/gamma", "bn1/aug/beta", "bn1/aug/moving_mean",
+      "bn1/aug/moving_variance"]
+  assert [v.path for v in model.trainable_weights] == [
+      "bn1/gamma", "bn1/beta", "bn1/adv/gamma", "bn1/adv/beta",
+      "bn1/aug/gamma", "bn1/aug/beta"]
+
+  shape = (4, 3, 3, 5)
+  for fused in (True, False):
+    layer = DualBN(fused=fused, augmented=True)
+    layer.build(shape)
+    for i, route in enumerate(dual_batch_norm.ALL_ROUTES):
+      _set_route(layer, route, _random_weights(5, 10 + i))
+    ref = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    ref.build(shape)
+    ref.set_weights(_get_route(layer, "aug"))
+    before = {r: _get_route(layer, r) for r in dual_batch_norm.ALL_ROUTES}
+    x = _inputs(shape)
+    for training in (False, True, False):
+      np.testing.assert_allclose(layer(x, training=training, bn_route="aug"),
+                                 ref(x, training=training), atol=ATOL,
+                                 rtol=ATOL)
+    for got, want in zip(_get_route(layer, "aug"), ref.get_weights()):
+      np.testing.assert_allclose(got, want, atol=ATOL, rtol=ATOL)
+    assert not np.allclose(_get_route(layer, "aug")[2], before["aug"][2])
+    for other in ("main", "adv"):  # Only the aug statistics moved.
+      for got, want in zip(_get_route(layer, other), before[other]):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_augmented_false_by_default_and_dropped_by_main_only():
+  layer = DualBN()
+  layer.build((2, 3))
+  assert layer.aug is None and not layer.get_config()["augmented"]
+  assert len(layer.weights) == 8
+  with pytest.raises(ValueError, match="augmented=True"):
+    layer(np.ones((2, 3), "float32"), bn_route="aug")
+  full = DualBN(augmented=True)
+  assert full.get_config()["augmented"]
+  with dual_batch_norm.main_only():
+    clone = DualBN.from_config(full.get_config())
+  clone.build((2, 3))
+  assert clone.aug is None and clone.adv is None
+  assert not clone.get_config()["augmented"]
+  assert [v.path.split("/", 1)[1] for v in clone.weights] == [
+      "gamma", "beta", "moving_mean", "moving_variance"]
+  assert dual_batch_norm.ALL_ROUTES == ("main", "adv", "aug")
+  dual_batch_norm.validate_route("aug")

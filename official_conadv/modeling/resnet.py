@@ -46,7 +46,10 @@ they have 2 x (64x64 conv + BN) fewer parameters than its ResNet-18/34.
 
 Variable paths, e.g. `resnet/stage3_block2/conv2/kernel`,
 `resnet/stage3_block2/bn2/gamma` (main) and
-`resnet/stage3_block2/bn2/adv/gamma` (adversarial).
+`resnet/stage3_block2/bn2/adv/gamma` (adversarial); with
+`augmented_bn=True` also `resnet/stage3_block2/bn2/aug/gamma` (the third BN
+set for AutoAugment images, as in the authors' released code; another
+53,120 trainable + 53,120 non-trainable values on ResNet-50).
 """
 
 import keras
@@ -102,18 +105,19 @@ class ResidualBlock(keras.layers.Layer):
     bottleneck: bottleneck (True) or basic (False) block.
     use_projection: projection shortcut (needed when the shape changes).
     zero_init_residual: the branch's last BN gamma starts at 0.
-    bn_momentum, bn_epsilon, synchronized_bn, adversarial_bn, fused_bn:
-      `DualBatchNormalization`'s momentum, epsilon, synchronized,
-      adversarial and fused.
+    bn_momentum, bn_epsilon, synchronized_bn, adversarial_bn, fused_bn,
+      augmented_bn: `DualBatchNormalization`'s momentum, epsilon,
+      synchronized, adversarial, fused and augmented.
 
-  Call args: inputs [B, H, W, C_in]; training; bn_route ("main" / "adv").
+  Call args: inputs [B, H, W, C_in]; training; bn_route ("main" / "adv" /
+  "aug").
   Returns: [B, ceil(H / s), ceil(W / s), out_channels].
   """
 
   def __init__(self, filters, strides=1, bottleneck=True,
                use_projection=False, zero_init_residual=True, bn_momentum=0.9,
                bn_epsilon=1e-5, synchronized_bn=False, adversarial_bn=True,
-               fused_bn=None, **kwargs):
+               fused_bn=None, augmented_bn=False, **kwargs):
     super().__init__(**kwargs)
     self.filters = int(filters)
     self.strides = int(strides)
@@ -125,6 +129,8 @@ class ResidualBlock(keras.layers.Layer):
     self.synchronized_bn = synchronized_bn
     self.adversarial_bn = (bool(adversarial_bn)
                            and not dual_batch_norm.main_only_active())
+    self.augmented_bn = (bool(augmented_bn)
+                         and not dual_batch_norm.main_only_active())
     self.fused_bn = fused_bn
     self.out_channels = self.filters * (4 if self.bottleneck else 1)
 
@@ -150,7 +156,8 @@ class ResidualBlock(keras.layers.Layer):
         momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         gamma_initializer="zeros" if zero else "ones",
         synchronized=self.synchronized_bn, adversarial=self.adversarial_bn,
-        fused=self.fused_bn, name=name, dtype=self.dtype_policy)
+        augmented=self.augmented_bn, fused=self.fused_bn, name=name,
+        dtype=self.dtype_policy)
 
   def build(self, input_shape):
     shape = tuple(input_shape)
@@ -194,7 +201,8 @@ class ResidualBlock(keras.layers.Layer):
         zero_init_residual=self.zero_init_residual,
         bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
         synchronized_bn=self.synchronized_bn,
-        adversarial_bn=self.adversarial_bn, fused_bn=self.fused_bn)
+        adversarial_bn=self.adversarial_bn, fused_bn=self.fused_bn,
+        augmented_bn=self.augmented_bn)
     return config
 
 
@@ -243,13 +251,18 @@ class ResNet(keras.Model):
       inference/export model).
     fused_bn: `DualBatchNormalization.fused` (None = fused kernel where
       possible).
+    augmented_bn: also create a third BN set, route "aug", for AutoAugment
+      images (`ConAdvModel(..., augmented_route="aug")`, the authors'
+      three-way split). False by default; dropped by `main_only()` and
+      `conadv_model.inference_model` like the `adv` set.
     name, **kwargs: keras.Model arguments (e.g. dtype).
 
   Call args:
     images: [B, H, W, C] float in [0, 1] (any float/int dtype; used as
       float32 even under a mixed-precision policy).
     training: BN batch statistics and moving-statistics update.
-    bn_route: "main" (clean) or "adv" (adversarial); ValueError otherwise.
+    bn_route: "main" (clean), "adv" (adversarial) or "aug" (AutoAugment,
+      only with augmented_bn=True); ValueError otherwise.
 
   Returns:
     logits [B, num_classes] float32.
@@ -259,7 +272,7 @@ class ResNet(keras.Model):
                bn_momentum=0.9, bn_epsilon=1e-5, synchronized_bn=False,
                zero_init_residual=True, input_mean=(0.485, 0.456, 0.406),
                input_std=(0.229, 0.224, 0.225), adversarial_bn=True,
-               fused_bn=None, name="resnet", **kwargs):
+               fused_bn=None, augmented_bn=False, name="resnet", **kwargs):
     super().__init__(name=name, **kwargs)
     stages, bottleneck, stem_width = stage_layout(depth, variant, width)
     if len(input_mean) != len(input_std):
@@ -277,12 +290,15 @@ class ResNet(keras.Model):
     self.input_std = tuple(float(s) for s in input_std)
     self.adversarial_bn = (bool(adversarial_bn)
                            and not dual_batch_norm.main_only_active())
+    self.augmented_bn = (bool(augmented_bn)
+                         and not dual_batch_norm.main_only_active())
     self.fused_bn = fused_bn
 
     dtype = self.dtype_policy
     bn_kwargs = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
                      synchronized_bn=self.synchronized_bn,
-                     adversarial_bn=self.adversarial_bn, fused_bn=fused_bn,
+                     adversarial_bn=self.adversarial_bn,
+                     augmented_bn=self.augmented_bn, fused_bn=fused_bn,
                      dtype=dtype)
     imagenet = variant == "imagenet"
     self.stem_conv = _conv(stem_width, 7 if imagenet else 3,
@@ -290,7 +306,8 @@ class ResNet(keras.Model):
     self.stem_bn = dual_batch_norm.DualBatchNormalization(
         momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         synchronized=self.synchronized_bn, adversarial=self.adversarial_bn,
-        fused=fused_bn, name="stem_bn", dtype=dtype)
+        augmented=self.augmented_bn, fused=fused_bn, name="stem_bn",
+        dtype=dtype)
     self.stem_pool = (keras.layers.MaxPooling2D(3, 2, padding="same",
                                                 name="stem_pool", dtype=dtype)
                       if imagenet else None)
@@ -358,7 +375,8 @@ class ResNet(keras.Model):
         bn_epsilon=self.bn_epsilon, synchronized_bn=self.synchronized_bn,
         zero_init_residual=self.zero_init_residual,
         input_mean=list(self.input_mean), input_std=list(self.input_std),
-        adversarial_bn=self.adversarial_bn, fused_bn=self.fused_bn)
+        adversarial_bn=self.adversarial_bn, fused_bn=self.fused_bn,
+        augmented_bn=self.augmented_bn)
     return config
 
   @classmethod

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from official_conadv.modeling import dual_batch_norm
 from official_conadv.modeling import resnet
+from official_conadv.modeling import small_cnn
 
 # tf-models-official ResNet-50 (23,561,152 incl. BN moving statistics) plus
 # a 2048 x 1000 + 1000 dense head.
@@ -291,3 +292,55 @@ def test_resnet50_graph_op_count(resnet50s):
   assert fused["FusedBatchNormV3"] == 53 and fused["FusedBatchNormGradV3"] == 53
   assert unfused["FusedBatchNormV3"] == 0
   assert n_fused < n_unfused
+
+
+def _is_aug(variable):
+  return "/aug/" in variable.path
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: _tiny(18, **kw),
+    lambda **kw: small_cnn.SmallCNN(num_classes=7, filters=(4, 8),
+                                    name="cnn", **kw),
+], ids=["resnet", "small_cnn"])
+def test_augmented_bn_third_route(make):
+  """augmented_bn=True: an "aug" set beside every main/adv BN set, its own
+  statistics, in the config, dropped by main_only(); off by default."""
+  x = _images((4, 32, 32, 3))
+  plain = make()
+  plain(x)
+  model = make(augmented_bn=True)
+  model(x)
+  assert not plain.get_config()["augmented_bn"]
+  assert model.get_config()["augmented_bn"]
+  assert not any(_is_aug(w) for w in plain.weights)
+  # Same variables as the two-set model plus one aug set per BN layer.
+  assert [w.path for w in model.weights if not _is_aug(w)] == [
+      w.path for w in plain.weights]
+  adv = [w.path for w in model.weights if _is_adv(w)]
+  aug = [w.path for w in model.weights if _is_aug(w)]
+  assert aug == [p.replace("/adv/", "/aug/") for p in adv] and aug
+  _randomise(model)
+  before = [w.numpy() for w in model.weights]
+  model(x, training=True, bn_route="aug")
+  for w, b in zip(model.weights, before):
+    moved = not np.array_equal(w.numpy(), b)
+    assert moved == ("moving_" in w.path and _is_aug(w)), w.path
+  outputs = {r: model(x, training=False, bn_route=r)
+             for r in dual_batch_norm.ALL_ROUTES}
+  assert not np.allclose(outputs["aug"], outputs["main"])
+  assert not np.allclose(outputs["aug"], outputs["adv"])
+  with pytest.raises(ValueError, match="augmented=True"):
+    plain(x, bn_route="aug")
+  clone = model.__class__.from_config(model.get_config())
+  clone(x)
+  assert [w.path.split("/", 1)[1] for w in clone.weights] == [
+      w.path.split("/", 1)[1] for w in model.weights]
+  clone.set_weights(model.get_weights())
+  np.testing.assert_allclose(clone(x, bn_route="aug"), outputs["aug"],
+                             atol=1e-5)
+  with dual_batch_norm.main_only():
+    export = model.__class__.from_config(model.get_config())
+  export(x)
+  assert not export.get_config()["augmented_bn"]
+  assert not any(_is_aug(w) or _is_adv(w) for w in export.weights)

@@ -25,11 +25,18 @@ class SmallCNN(keras.Model):
       a one-device run with the same global batch).
     bn_momentum, bn_epsilon: as `DualBatchNormalization`.
     adversarial_bn: create the adversarial BN sets (False: main only).
+    augmented_bn: also create a third BN set per layer, route "aug", for
+      AutoAugment images (`ConAdvModel(..., augmented_route="aug")`, the
+      authors' three-way split); variables under `<bn>/aug/`.
+
+  Call args: images [B, H, W, C] in [0, 1]; training; bn_route "main",
+  "adv" or "aug" (the latter only with augmented_bn=True).
+  Returns: logits [B, num_classes] float32.
   """
 
   def __init__(self, num_classes=10, filters=(8, 16), synchronized_bn=False,
                bn_momentum=0.9, bn_epsilon=1e-5, adversarial_bn=True,
-               **kwargs):
+               augmented_bn=False, **kwargs):
     super().__init__(**kwargs)
     self.num_classes = num_classes
     self.filters = tuple(filters)
@@ -40,6 +47,8 @@ class SmallCNN(keras.Model):
     # the config says so, so the exported model reloads without one.
     self.adversarial_bn = bool(
         adversarial_bn) and not dual_batch_norm.main_only_active()
+    self.augmented_bn = bool(
+        augmented_bn) and not dual_batch_norm.main_only_active()
     self.convs = []
     self.bns = []
     for i, f in enumerate(self.filters):
@@ -52,7 +61,7 @@ class SmallCNN(keras.Model):
           dual_batch_norm.DualBatchNormalization(
               momentum=bn_momentum, epsilon=bn_epsilon,
               synchronized=synchronized_bn, adversarial=self.adversarial_bn,
-              name=f"bn{i}"))
+              augmented=self.augmented_bn, name=f"bn{i}"))
     self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
     self.head = keras.layers.Dense(num_classes, name="logits")
 
@@ -68,5 +77,6 @@ class SmallCNN(keras.Model):
     config.update(num_classes=self.num_classes, filters=list(self.filters),
                   synchronized_bn=self.synchronized_bn,
                   bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-                  adversarial_bn=self.adversarial_bn)
+                  adversarial_bn=self.adversarial_bn,
+                  augmented_bn=self.augmented_bn)
     return config
