@@ -25,9 +25,11 @@ train: $(VENV)/.installed
 	$(PY) -m official_conadv.train --experiment=mnist_resnet_conadv --model_dir=runs/mnist_resnet_conadv
 
 # Every paper row (imagenet_resnet50_*) at toy scale with its own loop shape:
-# exact steps, exact evaluation, SIGTERM + exact resume. About 20 min on 2 cores.
+# exact steps, exact evaluation, SIGTERM + exact resume; on one device, then on
+# a 2-replica MirroredStrategy. About 50 min on 2 cores.
 rehearse: $(VENV)/.installed
-	$(PY) -m official_conadv.rehearse --output=runs/rehearse/rehearse.json
+	$(PY) -m official_conadv.rehearse --replicas=1 --output=runs/rehearse/one_device.json
+	$(PY) -m official_conadv.rehearse --replicas=2 --output=runs/rehearse/mirrored.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

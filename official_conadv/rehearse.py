@@ -10,8 +10,9 @@ loop structure: whether `steps_per_execution` divides `steps_per_loop`, and
 whether the run length is a whole number of loops (`toy_loop_shape`). The
 network (ResNet-10, width 8), the images (32 px) and the data (standard-format
 JPEG TFRecords generated here, unevenly sharded, not a multiple of the batch)
-shrink so a row takes seconds on a CPU, on a MirroredStrategy of two logical
-CPUs (two replicas).
+shrink so a row takes about a minute on a CPU: on the default strategy
+(`--replicas=1`, the rows' steps_per_execution as configured) or on a
+MirroredStrategy over logical CPUs (`--replicas=2`).
 
 Per row it checks, and fails loudly otherwise:
   1. the run ends at exactly its last step; checkpoints exist at the loop ends
@@ -27,7 +28,6 @@ It writes one JSON line per row and a table to `--output`.
 
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -42,8 +42,11 @@ flags.DEFINE_string("output", "runs/rehearse/rehearse.json",
 flags.DEFINE_string("work_dir", None, "Scratch directory for data and runs "
                     "(default: a new temporary directory, removed at the end).")
 flags.DEFINE_bool("resume_check", True, "Also run the SIGTERM + resume check.")
-flags.DEFINE_integer("replicas", 2, "Logical CPUs for MirroredStrategy (1: the "
-                     "default strategy).")
+flags.DEFINE_integer("replicas", 1, "1: the default strategy, which runs the "
+                     "rows' steps_per_execution as configured; 2 or more: a "
+                     "MirroredStrategy over that many logical CPUs (Keras "
+                     "then runs one step per execution, see "
+                     "train_lib.steps_per_execution_for).")
 
 FLAGS = flags.FLAGS
 
@@ -150,28 +153,11 @@ def max_difference(a, b) -> float:
   return worst
 
 
-def _sigterm_at(step):
-  """A callback sending this process SIGTERM once the run passes `step`."""
-  import keras  # pylint: disable=g-import-not-at-top
-
-  class SigtermAt(keras.callbacks.Callback):
-
-    def __init__(self):
-      super().__init__()
-      self.sent = False
-
-    def on_train_batch_end(self, batch, logs=None):
-      if not self.sent and int(self.model.optimizer.iterations.numpy()) >= step:
-        self.sent = True
-        os.kill(os.getpid(), signal.SIGTERM)
-
-  return SigtermAt()
-
-
 def rehearse_row(row, work_dir, strategy, resume_check=True, log=print):
   """Runs one row at toy scale; returns its result dict (raises on failure)."""
   import keras  # pylint: disable=g-import-not-at-top
   from official_conadv import train_lib  # pylint: disable=g-import-not-at-top
+  from official_conadv.testing import preemption  # pylint: disable=g-import-not-at-top
   data_dir = os.path.join(work_dir, "data", row)
   config = toy_config(row, data_dir)
   write_toy_data(data_dir, config.data.num_train_examples)
@@ -181,7 +167,9 @@ def rehearse_row(row, work_dir, strategy, resume_check=True, log=print):
   result = {"row": row, "method": config.method,
             "autoaugment": config.data.autoaugment,
             "loop": loop, "steps_per_execution":
-            config.train.steps_per_execution, "total_steps": total}
+            train_lib.steps_per_execution_for(
+                strategy, config.train.steps_per_execution),
+            "total_steps": total}
 
   def run(model_dir, callbacks=()):
     keras.backend.clear_session()
@@ -212,7 +200,7 @@ def rehearse_row(row, work_dir, strategy, resume_check=True, log=print):
     stop = ends[0] + 1 if len(ends) > 1 and ends[1] - ends[0] > 1 else 1
     resumed_dir = os.path.join(work_dir, "runs", row, "resumed")
     try:
-      run(resumed_dir, callbacks=[_sigterm_at(stop)])
+      run(resumed_dir, callbacks=[preemption.SigtermAt(stop)])
       problems.append("SIGTERM did not stop the run")
     except train_lib.Preempted:
       pass
@@ -245,6 +233,10 @@ def rows_to_run(spec: str):
 def main(argv):
   del argv
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if FLAGS.verbosity <= 0:  # Checkpoint savers log at INFO: keep it quiet.
+    logging.set_verbosity(logging.WARNING)
+    tf.get_logger().setLevel("WARNING")
   try:
     rows = rows_to_run(FLAGS.rows)
   except ValueError as e:

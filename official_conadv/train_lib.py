@@ -99,11 +99,31 @@ def build_optimizer(c: configs.OptimizerConfig, total_steps: int,
   return optimizer
 
 
+def steps_per_execution_for(strategy, requested: int) -> int:
+  """`requested`, or 1 where Keras 3.15 cannot run several steps per call.
+
+  Keras 3's multi-step loop wraps each step in a `tf.cond` (so an execution
+  can stop at the end of the data), and under MirroredStrategy and
+  MultiWorkerMirroredStrategy the step's cross-replica `merge_call` inside
+  that cond fails with "You must feed a value for placeholder tensor ...",
+  even for a one-layer model (keras-team/keras#19246, open;
+  `train_test.test_upstream_multi_step_loop_under_mirrored_still_fails`
+  notices when that changes). The TPU rows' `steps_per_execution` is for
+  TPUStrategy (fewer host round trips); GPU strategies run one step per call.
+  """
+  if requested > 1 and isinstance(strategy, (
+      tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
+    return 1
+  return requested
+
+
 def build_model(config: configs.ExperimentConfig, image_shape,
-                total_steps: int, steps_per_epoch: int, jit_compile: bool):
+                total_steps: int, steps_per_epoch: int, jit_compile: bool,
+                steps_per_execution: Optional[int] = None):
   """ConAdvModel built (both BN routes, stale buffer, optimizer) and compiled.
 
-  Call inside the strategy scope.
+  Call inside the strategy scope. `steps_per_execution`: default
+  `config.train.steps_per_execution`.
   """
   model = conadv_model.ConAdvModel(build_backbone(config.model),
                                    adversary=build_adversary(config.adversary),
@@ -122,7 +142,8 @@ def build_model(config: configs.ExperimentConfig, image_shape,
   optimizer = build_optimizer(config.optimizer, total_steps, steps_per_epoch,
                               config.runtime.mixed_precision)
   model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
-                steps_per_execution=config.train.steps_per_execution,
+                steps_per_execution=(steps_per_execution or
+                                     config.train.steps_per_execution),
                 jit_compile=jit_compile)
   # Build the optimizer now, with the adversarial BN variables present, so a
   # checkpoint restores its slots exactly.
@@ -415,9 +436,16 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
   # Same seed => same initial weights; a resumed run overwrites them from
   # its checkpoint anyway.
   keras.utils.set_random_seed(config.train.seed)
+  steps_per_execution = steps_per_execution_for(
+      strategy, config.train.steps_per_execution)
+  if steps_per_execution != config.train.steps_per_execution and is_chief:
+    print(f"train.steps_per_execution={config.train.steps_per_execution} "
+          f"runs as 1 under {type(strategy).__name__}: Keras 3's multi-step "
+          "loop fails there (keras-team/keras#19246).", flush=True)
   with strategy.scope():
     model = build_model(config, image_shape, total_steps, steps_per_epoch,
-                        jit_compile=jit)
+                        jit_compile=jit,
+                        steps_per_execution=steps_per_execution)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
   ckpt_dir = os.path.join(model_dir, "checkpoints")
   if not is_chief:  # Non-chief workers write to a scratch dir (TF recipe).
@@ -486,7 +514,7 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
     ends = loop_ends(step, total_steps, steps_per_loop)
     say(f"Training {config.name} ({config.method}) for {total_steps} steps "
         f"from step {step}: {len(ends)} loops of up to {steps_per_loop} "
-        f"steps, {config.train.steps_per_execution} per execution; "
+        f"steps, {steps_per_execution} per execution; "
         f"TensorBoard: tensorboard --logdir={model_dir}", flush=True)
     guard = NonFiniteGuard()
     with PreemptionWatcher(strategy) as watcher:

@@ -14,35 +14,18 @@ Prints (`multi_worker.emit_result`): {"status": "done" | "preempted",
 
 import argparse
 import os
-import signal
 import sys
 
 if __name__ == "__main__":  # Worker process: quiet, CPU only.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-import keras  # pylint: disable=g-import-not-at-top
-
 import experiments  # pylint: disable=g-import-not-at-top
 from official_conadv import configs  # pylint: disable=g-import-not-at-top
 from official_conadv import distribute_utils  # pylint: disable=g-import-not-at-top
 from official_conadv import train_lib  # pylint: disable=g-import-not-at-top
 from official_conadv.testing import multi_worker  # pylint: disable=g-import-not-at-top
-
-
-class SigtermAt(keras.callbacks.Callback):
-  """Sends this process SIGTERM once the run has passed `step`."""
-
-  def __init__(self, step):
-    super().__init__()
-    self.step = step
-    self.sent = False
-
-  def on_train_batch_end(self, batch, logs=None):
-    if not self.sent and int(self.model.optimizer.iterations.numpy()) >= \
-        self.step:
-      self.sent = True
-      os.kill(os.getpid(), signal.SIGTERM)
+from official_conadv.testing.preemption import SigtermAt  # pylint: disable=g-import-not-at-top
 
 
 def main(argv):
