@@ -291,6 +291,29 @@ class ConAdvModel(keras.Model):
         ]
     self.built = True
 
+  def _fully_built(self):
+    """Model, compiled loss and metrics, and optimizer all built."""
+    parts = [self._compile_metrics, self._compile_loss,
+             getattr(self, "optimizer", None)]
+    return (self.built and all(l.built for l in self._flatten_layers()) and
+            all(p is None or p.built for p in parts))
+
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    """Keras' pre-step build, skipped once everything is built.
+
+    Under a distribution strategy, Keras 3.15's TF trainer takes one batch
+    from a fresh iterator of the dataset before every `fit` and `evaluate`
+    (to build the model symbolically), then starts another iterator for the
+    real pass: the input pipeline starts twice, and a resumed pipeline skips
+    its records twice. Once the model, loss, metrics and optimizer exist
+    there is nothing to build, so the peek is skipped
+    (`test_fit_reads_the_dataset_once_when_built` pins this).
+    """
+    if self._fully_built():
+      return None
+    return super()._maybe_symbolic_build(iterator=iterator,
+                                         data_batch=data_batch)
+
   def _build_from_data(self, x):
     """Builds on the first traced step if nothing built the model before.
 

@@ -740,3 +740,32 @@ def test_weighted_evaluation_scores_every_real_image_once(strategy_name,
   np.testing.assert_allclose(padded["accuracy"], (ranks == 0).mean(),
                              rtol=1e-6)
   np.testing.assert_allclose(padded["top2"], (ranks < 2).mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("strategy_name", ["one_device", "mirrored"])
+def test_fit_reads_the_dataset_once_when_built(strategy_name):
+  """After the first fit/evaluate built everything, a later fit or evaluate
+  under a strategy produces each element of its dataset exactly once (Keras
+  would otherwise start a second iterator to peek at a batch)."""
+  x, y = _data(4)
+  strategy = strategies.get(strategy_name)
+  with strategy.scope():
+    model = _build(_backbone(synchronized=True),
+                   conadv_model.AdversaryConfig(delay=1, random_init=False))
+  model.fit(_dataset(x, y), epochs=1, verbose=0)
+  model.evaluate(_dataset(x, y), verbose=0)
+  produced = []
+
+  def count(images, labels):
+    def tick(n):
+      produced.append(int(n))
+      return n
+    n = tf.py_function(tick, [tf.shape(images)[0]], tf.int32)
+    with tf.control_dependencies([n]):
+      return tf.identity(images), labels
+
+  model.fit(_dataset(x, y).map(count), epochs=1, verbose=0)
+  assert sum(produced) == len(x)
+  produced.clear()
+  model.evaluate(_dataset(x, y).map(count), verbose=0)
+  assert sum(produced) == len(x)
