@@ -168,7 +168,9 @@ def rehearse_row(row, work_dir, strategy, resume_check=True, log=print):
             "autoaugment": config.data.autoaugment,
             "loop": loop, "steps_per_execution":
             train_lib.steps_per_execution_for(
-                strategy, config.train.steps_per_execution),
+                strategy, config.train.steps_per_execution,
+                paired_inputs=bool(config.adversary.enabled and
+                                   config.data.autoaugment)),
             "total_steps": total}
 
   def run(model_dir, callbacks=()):
