@@ -35,18 +35,23 @@ import time
 from absl import app
 from absl import flags
 
-flags.DEFINE_string("rows", "all", "Comma-separated experiment names, or "
-                    "'all' for every imagenet_resnet50_* row.")
-flags.DEFINE_string("output", "runs/rehearse/rehearse.json",
-                    "Where the per-row results go (JSON).")
-flags.DEFINE_string("work_dir", None, "Scratch directory for data and runs "
-                    "(default: a new temporary directory, removed at the end).")
-flags.DEFINE_bool("resume_check", True, "Also run the SIGTERM + resume check.")
-flags.DEFINE_integer("replicas", 1, "1: the default strategy, which runs the "
-                     "rows' steps_per_execution as configured; 2 or more: a "
-                     "MirroredStrategy over that many logical CPUs (Keras "
-                     "then runs one step per execution, see "
-                     "train_lib.steps_per_execution_for).")
+
+def define_flags():
+  """Defined only when run as a script, so importing this module (tests use
+  its checkpoint helpers) adds no flags that could clash with others'."""
+  flags.DEFINE_string("rows", "all", "Comma-separated experiment names, or "
+                      "'all' for every imagenet_resnet50_* row.")
+  flags.DEFINE_string("output", "runs/rehearse/rehearse.json",
+                      "Where the per-row results go (JSON).")
+  flags.DEFINE_string("work_dir", None, "Scratch directory for data and runs "
+                      "(default: a new temporary directory, removed at the end).")
+  flags.DEFINE_bool("resume_check", True, "Also run the SIGTERM + resume check.")
+  flags.DEFINE_integer("replicas", 1, "1: the default strategy, which runs the "
+                       "rows' steps_per_execution as configured; 2 or more: a "
+                       "MirroredStrategy over that many logical CPUs (Keras "
+                       "then runs one step per execution, see "
+                       "train_lib.steps_per_execution_for).")
+
 
 FLAGS = flags.FLAGS
 
@@ -117,7 +122,8 @@ def write_toy_data(data_dir: str, num_train: int):
         size=(40, 48), seed=20 + i)
 
 
-def _checkpoint_steps(model_dir):
+def checkpoint_steps(model_dir):
+  """Steps of the checkpoints kept in model_dir/checkpoints, ascending."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   state = tf.train.get_checkpoint_state(os.path.join(model_dir,
                                                      "checkpoints"))
@@ -185,7 +191,7 @@ def rehearse_row(row, work_dir, strategy, resume_check=True, log=print):
   result["seconds"] = round(time.perf_counter() - t0, 1)
   result["final_step"] = summary["step"]
   result["eval_examples"] = summary["eval"].get("examples")
-  result["checkpoint_steps"] = _checkpoint_steps(full_dir)
+  result["checkpoint_steps"] = checkpoint_steps(full_dir)
   want_ckpts = ends[-config.train.keep_checkpoints:]
   problems = []
   if summary["step"] != total:
@@ -206,7 +212,7 @@ def rehearse_row(row, work_dir, strategy, resume_check=True, log=print):
       problems.append("SIGTERM did not stop the run")
     except train_lib.Preempted:
       pass
-    result["preempted_at"] = (_checkpoint_steps(resumed_dir) or [None])[-1]
+    result["preempted_at"] = (checkpoint_steps(resumed_dir) or [None])[-1]
     resumed = run(resumed_dir)
     result["resumed_final_step"] = resumed["step"]
     diff = max_difference(checkpoint_tensors(full_dir),
@@ -285,4 +291,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

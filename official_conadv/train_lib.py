@@ -370,13 +370,12 @@ def loop_ends(step: int, total_steps: int, steps_per_loop: int):
 
 
 def _learning_rate(optimizer, step: int) -> float:
-  lr = optimizer.learning_rate
-  if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-    lr = optimizer.inner_optimizer.learning_rate
+  """The learning rate at `step` (the inner optimizer's under loss scaling)."""
+  optimizer = getattr(optimizer, "inner_optimizer", optimizer)
   schedule = getattr(optimizer, "_learning_rate", None)
   if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
     return float(schedule(step))
-  return float(lr)
+  return float(optimizer.learning_rate)
 
 
 # ------------------------------------------------------------------- run

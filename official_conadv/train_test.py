@@ -23,6 +23,7 @@ from absl import flags
 
 import experiments
 from official_conadv import configs
+from official_conadv import rehearse
 from official_conadv import train
 from official_conadv import train_lib
 from official_conadv.data import imagenet
@@ -107,18 +108,8 @@ def test_runs_each_mode_on_tfds_mock_imagenet(mode, tmp_path):
   assert ("adv_loss" in summary["train"]) == (mode != "baseline")
 
 
-def _checkpoint_values(model_dir):
-  path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-  reader = tf.train.load_checkpoint(path)
-  return {k: reader.get_tensor(k)
-          for k in reader.get_variable_to_shape_map()
-          if "save_counter" not in k and "CHECKPOINTABLE" not in k}
-
-
-def _checkpoint_steps(model_dir):
-  state = tf.train.get_checkpoint_state(os.path.join(model_dir, "checkpoints"))
-  return sorted(int(p.rsplit("-", 1)[-1])
-                for p in state.all_model_checkpoint_paths)
+_checkpoint_values = rehearse.checkpoint_tensors
+_checkpoint_steps = rehearse.checkpoint_steps
 
 
 def _assert_same_checkpoint(want_dir, got_dir):
