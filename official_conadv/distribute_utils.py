@@ -27,9 +27,11 @@ Strategy names (`STRATEGY_NAMES`):
   the strategy whose scope is active).
 """
 
+import itertools
 import json
 import numbers
 import os
+import threading
 from typing import Any, Dict, Optional, Sequence
 
 import tensorflow as tf
@@ -172,19 +174,10 @@ def _tpu_strategy(tpu: Optional[str]) -> tf.distribute.TPUStrategy:
 
 
 def _mirrored_strategy(num_gpus, devices, all_reduce_alg, num_packs):
-  if devices is None:
-    gpus = tf.config.list_logical_devices("GPU")
-    if num_gpus is None:
-      num_gpus = len(gpus)
-    if num_gpus < 0:
-      raise ValueError(f"num_gpus must be >= 0, got {num_gpus}")
-    if num_gpus > len(gpus):
-      raise ValueError(f"num_gpus={num_gpus} but only {len(gpus)} GPU(s) are "
-                       "visible")
-    if num_gpus:
-      devices = [d.name for d in gpus[:num_gpus]]
-    else:
-      devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+  devices = mirrored_devices(
+      [d.name for d in tf.config.list_logical_devices("GPU")],
+      [d.name for d in tf.config.list_logical_devices("CPU")],
+      num_gpus=num_gpus, devices=devices)
   cross_device_ops = None
   if all_reduce_alg is not None:
     ops = {
@@ -195,8 +188,33 @@ def _mirrored_strategy(num_gpus, devices, all_reduce_alg, num_packs):
       raise ValueError(f"all_reduce_alg must be one of {sorted(ops)} or None, "
                        f"got {all_reduce_alg!r}")
     cross_device_ops = ops[all_reduce_alg](num_packs=num_packs)
-  return tf.distribute.MirroredStrategy(devices=list(devices),
-                                        cross_device_ops=cross_device_ops)
+  return _new_mirrored_strategy(devices=list(devices),
+                                cross_device_ops=cross_device_ops)
+
+
+# Every MirroredStrategy numbers its collective groups from
+# 1 + `_collective_key_base` (a class attribute, 0). Two instances over the
+# same devices in one process (a notebook that trains twice) then reuse each
+# other's collective instances, and the second fails with "Shape mismatch in
+# the collective instance ...". TF's own tests avoid it by moving the base
+# (tensorflow/python/distribute/strategy_combinations.py); each strategy made
+# here gets a base of its own, 100,000 keys apart (TF's spacing), and the first
+# one already starts above the base 0 of strategies made directly.
+_KEY_BASE_SPACING = 100_000
+_key_bases = itertools.count(1)
+_key_bases_lock = threading.Lock()
+
+
+def _new_mirrored_strategy(**kwargs) -> tf.distribute.MirroredStrategy:
+  """`tf.distribute.MirroredStrategy(**kwargs)` with its own collective keys."""
+  strategy = tf.distribute.MirroredStrategy.__new__(
+      tf.distribute.MirroredStrategy)
+  with _key_bases_lock:
+    base = _KEY_BASE_SPACING * next(_key_bases)
+  # Read by MirroredExtended.__init__ (as container_strategy's attribute).
+  strategy._collective_key_base = base  # pylint: disable=protected-access
+  strategy.__init__(**kwargs)
+  return strategy
 
 
 def _multi_worker_strategy(communication, patch_keras_fit):
@@ -258,7 +276,8 @@ def get_strategy(name: str = "default",
   if key == "multi_worker_mirrored":
     return _multi_worker_strategy(communication, patch_keras_fit)
   if key == "one_device":
-    device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
+    device = one_device_name(
+        [d.name for d in tf.config.list_logical_devices("GPU")])
     return tf.distribute.OneDeviceStrategy(device)
   if key == "default":
     return tf.distribute.get_strategy()
@@ -292,3 +311,104 @@ def check_global_batch_size(global_batch_size: int,
     raise ValueError(f"global batch size {global_batch_size} is not divisible "
                      f"by the number of replicas ({replicas})")
   return int(global_batch_size) // replicas
+
+
+# ------------------------------------------------------------------- devices
+def mirrored_devices(gpus: Sequence[str],
+                     cpus: Sequence[str],
+                     num_gpus: Optional[int] = None,
+                     devices: Optional[Sequence[str]] = None) -> list[str]:
+  """The devices a "mirrored" strategy replicates over (no TF calls).
+
+  Args:
+    gpus: names of the visible logical GPUs in order, e.g. "/device:GPU:0".
+    cpus: names of the logical CPUs, e.g. "/device:CPU:0".
+    num_gpus: None = every GPU (the CPUs when there is none); k = the first k
+      GPUs; 0 = the CPUs.
+    devices: an explicit device list; wins over `gpus`, `cpus`, `num_gpus`.
+
+  Returns:
+    The device names, in order.
+
+  Raises:
+    ValueError (one line): `num_gpus` not an int >= 0, more GPUs asked for
+      than are visible, an empty `devices` list, no device at all.
+  """
+  if devices is not None:
+    if isinstance(devices, str):
+      devices = [devices]
+    devices = list(devices)
+    if not devices:
+      raise ValueError("devices is empty: give at least one device name, or "
+                       "None to pick the GPUs (else the CPUs)")
+    return devices
+  gpus, cpus = list(gpus), list(cpus)
+  if num_gpus is None:
+    num_gpus = len(gpus)
+  if isinstance(num_gpus, bool) or not isinstance(num_gpus, numbers.Integral):
+    raise ValueError(f"num_gpus must be an int >= 0 or None, got {num_gpus!r}")
+  if num_gpus < 0:
+    raise ValueError(f"num_gpus must be >= 0, got {num_gpus}")
+  if num_gpus > len(gpus):
+    raise ValueError(f"num_gpus={num_gpus} but only {len(gpus)} GPU(s) are "
+                     "visible")
+  chosen = gpus[:num_gpus] if num_gpus else cpus
+  if not chosen:
+    raise ValueError("no device to mirror over: no GPU and no CPU is visible")
+  return chosen
+
+
+def one_device_name(gpus: Sequence[str]) -> str:
+  """The device of "one_device": the first GPU if `gpus` lists one, else CPU:0.
+
+  Args:
+    gpus: names of the visible logical GPUs (only whether it is empty counts).
+  """
+  return "/gpu:0" if len(gpus) else "/cpu:0"
+
+
+_STRATEGY_LABELS = (  # Public names; MWMS's class is CollectiveAllReduce...
+    ("TPUStrategy", tf.distribute.TPUStrategy),
+    ("MultiWorkerMirroredStrategy", tf.distribute.MultiWorkerMirroredStrategy),
+    ("MirroredStrategy", tf.distribute.MirroredStrategy),
+    ("OneDeviceStrategy", tf.distribute.OneDeviceStrategy),
+)
+
+
+def describe_devices(strategy: Optional[tf.distribute.Strategy] = None,
+                     gpus: Optional[Sequence[str]] = None) -> str:
+  """One line naming the devices a run uses, for the start-up log.
+
+  For example "MirroredStrategy over 2 devices:
+  /job:localhost/replica:0/task:0/device:GPU:0, ...; 2 GPU(s) visible" or
+  "OneDeviceStrategy on /job:localhost/replica:0/task:0/device:CPU:0; no GPU
+  visible". The GPU count tells at a glance whether TensorFlow found the CUDA
+  libraries (see the README's GPU section).
+
+  Args:
+    strategy: defaults to the current strategy.
+    gpus: names of the visible logical GPUs; None asks TensorFlow.
+  """
+  strategy = strategy or tf.distribute.get_strategy()
+  if gpus is None:
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+  gpus = list(gpus)
+  seen = f"{len(gpus)} GPU(s) visible" if gpus else "no GPU visible"
+  label = next((n for n, cls in _STRATEGY_LABELS if isinstance(strategy, cls)),
+               type(strategy).__name__)
+  try:
+    local = [str(d) for d in strategy.extended.worker_devices]
+  except RuntimeError:  # The default strategy has no device list.
+    local = None
+  if local is None:
+    device = gpus[0] if gpus else "/device:CPU:0"
+    return (f"default strategy (no tf.distribute), ops placed on {device}; "
+            f"{seen}")
+  replicas = int(strategy.num_replicas_in_sync)
+  names = ", ".join(local)
+  if len(local) == 1 and replicas == 1:
+    return f"{label} on {names}; {seen}"
+  if replicas == len(local):
+    return f"{label} over {replicas} devices: {names}; {seen}"
+  return (f"{label} over {replicas} replicas, {len(local)} on this worker: "
+          f"{names}; {seen}")

@@ -64,8 +64,12 @@ these three functions for the Keras versions this fix was tested on;
 an unpatched two-worker `fit` still fails, so an upstream fix is noticed and
 this module can be dropped.
 
-Usage (before `model.fit` under a multi-worker MWMS; idempotent;
-`distribute_utils.get_strategy("multi_worker_mirrored")` calls it):
+Nothing to call for a `ConAdvModel`: its `fit`, `evaluate`,
+`train_on_batch` and `test_on_batch` call `apply_for(strategy)`, which
+applies the fix the first time the model's strategy is a multi-worker MWMS,
+whoever made the strategy; `distribute_utils.get_strategy(
+"multi_worker_mirrored")` applies it too. For other Keras models under MWMS
+(idempotent):
 
     from official_conadv import keras_mwms_fix
     keras_mwms_fix.apply()
@@ -84,7 +88,9 @@ __all__ = [
     "KNOWN_MAX_VERSION",
     "VERIFIED_SOURCE_SHA256",
     "apply",
+    "apply_for",
     "is_applied",
+    "is_multi_worker",
     "revert",
     "check_upstream",
     "source_sha256",
@@ -309,6 +315,26 @@ def apply(strict=False):
     trainer.reduce_per_replica = _make_patched_reduce_per_replica(
         _originals["reduce_per_replica"])
     return True
+
+
+def is_multi_worker(strategy) -> bool:
+  """True for a MultiWorkerMirroredStrategy in multi-worker mode (TF_CONFIG
+  with more than one task): the case Keras' TF trainer mishandles."""
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return False
+  return bool(strategy.extended._in_multi_worker_mode())  # pylint: disable=protected-access
+
+
+def apply_for(strategy) -> bool:
+  """Applies the fix if `strategy` is multi-worker (see `is_multi_worker`).
+
+  Returns:
+    Whether the fix is in place after the call (once applied it stays for
+    the process; other strategies go through unchanged Keras code anyway).
+  """
+  if not is_multi_worker(strategy):
+    return is_applied()
+  return apply()
 
 
 def revert():

@@ -242,6 +242,7 @@ def main(argv):
   del argv
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+  from official_conadv import distribute_utils  # pylint: disable=g-import-not-at-top
   if FLAGS.verbosity <= 0:  # Checkpoint savers log at INFO: keep it quiet.
     logging.set_verbosity(logging.WARNING)
     tf.get_logger().setLevel("WARNING")
@@ -254,8 +255,8 @@ def main(argv):
     cpus = tf.config.list_physical_devices("CPU")
     tf.config.set_logical_device_configuration(
         cpus[0], [tf.config.LogicalDeviceConfiguration()] * FLAGS.replicas)
-    strategy = tf.distribute.MirroredStrategy(
-        [f"/cpu:{i}" for i in range(FLAGS.replicas)])
+    strategy = distribute_utils.get_strategy(
+        "mirrored", devices=[f"/cpu:{i}" for i in range(FLAGS.replicas)])
   else:
     strategy = tf.distribute.get_strategy()
   work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="rehearse_")

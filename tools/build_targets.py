@@ -15,7 +15,12 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("official_conadv", "experiments", "benchmarks")
+PACKAGES = ("official_conadv", "experiments", "benchmarks", "testdata")
+# Committed test fixtures (testdata/README.md): a filegroup, given as `data`
+# to the module that locates them, so every test using it gets them in its
+# runfiles.
+FIXTURES = ("testdata/image_folder/**", "testdata/imagenet_tfrecord/**")
+DATA = {"official_conadv/testing/testdata.py": [":testdata_fixtures"]}
 THIRD_PARTY = {
     "absl": "absl-py", "keras": "keras", "tensorflow": "tensorflow",
     "tensorflow_datasets": "tensorflow-datasets", "numpy": "numpy",
@@ -23,6 +28,7 @@ THIRD_PARTY = {
     "mlxtend": "mlxtend", "matplotlib": "matplotlib", "pytest": "pytest",
     "nbclient": "nbclient", "nbformat": "nbformat",
     "tensorboard": "tensorboard", "importlib_resources": "importlib_resources",
+    "packaging": "packaging",
 }
 
 
@@ -73,7 +79,9 @@ def render():
          'load("@pip//:requirements.bzl", "requirement")',
          'load("@rules_python//python:defs.bzl", "py_binary", "py_library", '
          '"py_test")', '',
-         'package(default_visibility = ["//visibility:public"])', '']
+         'package(default_visibility = ["//visibility:public"])', '',
+         "filegroup(", '    name = "testdata_fixtures",',
+         f"    srcs = glob({list(FIXTURES)!r}),".replace("'", '"'), ")", '']
   for path in files:
     if os.path.basename(path) == "conftest.py":
       continue
@@ -89,6 +97,8 @@ def render():
     if is_test:
       out.append(f'    main = "{path}",')
       out.append('    size = "large",')
+    if path in DATA:
+      out.append(f"    data = {DATA[path]!r},".replace("'", '"'))
     out.append("    deps = [")
     out.extend(f"        {d}," for d in deps)
     out.append("    ],")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from official_conadv import distribute_utils
 from official_conadv.data import input_pipeline as ip
 from official_conadv.data import mnist
 from official_conadv.data import preprocessing
@@ -19,7 +20,8 @@ def test_keras_fit_with_validation_under_mirrored():
   # Keras 3.15 peeks a batch from the kept validation iterator before each
   # evaluation, which ends a one-pass dataset (see distributed_dataset).
   import keras  # pylint: disable=g-import-not-at-top
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = distribute_utils.get_strategy("mirrored",
+                                           devices=["/cpu:0", "/cpu:1"])
   data = types.SimpleNamespace(name="mnist", data_dir=None, image_size=28,
                                label_smoothing=0.1, shuffle_buffer=1000)
   train = ip.distributed_dataset(strategy, data, split="train",
@@ -47,7 +49,8 @@ def test_weighted_evaluate_scores_every_digit_once_under_mirrored():
   # element, so that accuracy is the 1,000 digits', each once; the
   # unweighted one counts the padding (zeros images, label 0).
   import keras  # pylint: disable=g-import-not-at-top
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = distribute_utils.get_strategy("mirrored",
+                                           devices=["/cpu:0", "/cpu:1"])
   data = types.SimpleNamespace(name="mnist", data_dir=None, image_size=28)
   steps = ip.num_eval_steps(1000, 300, ip.num_input_pipelines(strategy))
   assert steps == 4

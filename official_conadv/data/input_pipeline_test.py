@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from official_conadv import distribute_utils
 from official_conadv.data import input_pipeline as ip
 from official_conadv.data import synthetic
 
@@ -147,7 +148,8 @@ def test_eval_shards_by_record_across_pipelines(eval_dir, pipelines, batch):
 
 
 def test_eval_on_two_replicas_repeats_whole_passes(eval_dir):
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = distribute_utils.get_strategy("mirrored",
+                                           devices=["/cpu:0", "/cpu:1"])
   data = types.SimpleNamespace(
       name="imagenet_tfrecord", data_dir=eval_dir, image_size=16,
       label_smoothing=0.1, num_eval_examples=NUM_EVAL)
@@ -261,7 +263,8 @@ def test_batch_not_divisible_by_replicas(data_dir):
   with pytest.raises(ValueError, match="8 is not divisible by the number of "
                      r"replicas \(3\)"):
     fn(tf.distribute.InputContext(1, 0, 3))
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = distribute_utils.get_strategy("mirrored",
+                                           devices=["/cpu:0", "/cpu:1"])
   data = types.SimpleNamespace(name="mnist", data_dir=None, image_size=28)
   with pytest.raises(ValueError, match="not divisible"):
     ip.distributed_dataset(strategy, data, split="train", is_training=True,
@@ -339,7 +342,8 @@ def test_corrupt_record_default_counter_in_training(corrupt_dir):
 
 def test_distributed_dataset_on_two_replicas(corrupt_dir):
   d, _ = corrupt_dir
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = distribute_utils.get_strategy("mirrored",
+                                           devices=["/cpu:0", "/cpu:1"])
   data = types.SimpleNamespace(
       name="imagenet_tfrecord", data_dir=d, image_size=24, autoaugment=None,
       label_smoothing=0.1, shuffle_buffer=16, deterministic=True,
@@ -429,7 +433,8 @@ def test_num_input_pipelines_of_strategies():
   assert ip.num_input_pipelines() == 1
   assert ip.num_input_pipelines(
       tf.distribute.OneDeviceStrategy("/cpu:0")) == 1
-  mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  mirrored = distribute_utils.get_strategy("mirrored",
+                                           devices=["/cpu:0", "/cpu:1"])
   assert ip.num_input_pipelines(mirrored) == 1
   # What the strategy passes to the dataset function agrees.
   contexts = []
@@ -467,7 +472,8 @@ def test_dataset_facts(tmp_path):
 def test_measure_throughput(data_dir):
   rate = ip.measure_throughput(_build(data_dir), num_batches=3, warmup=1)
   assert rate > 0
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = distribute_utils.get_strategy("mirrored",
+                                           devices=["/cpu:0", "/cpu:1"])
   data = types.SimpleNamespace(name="imagenet_tfrecord", data_dir=data_dir,
                                image_size=32)
   dist = ip.distributed_dataset(strategy, data, split="train",

@@ -100,9 +100,12 @@ import dataclasses
 
 import keras
 import tensorflow as tf
+# Private, no public equivalent: the 1 / replicas scaling Keras applies to
+# the loss under a strategy (pinned by conadv_model_test's
+# test_private_keras_loss_scaling_is_one_over_replicas).
 from keras.src.losses import loss as keras_loss_module
-from keras.src.trainers.data_adapters import data_adapter_utils
 
+from official_conadv import keras_mwms_fix
 from official_conadv.adversarial import attacks
 from official_conadv.modeling import dual_batch_norm
 
@@ -255,6 +258,12 @@ class ConAdvModel(keras.Model):
     must be created there, and the optimizer must see the adversarial (and
     "aug") BN variables when it is built.
     """
+    strategy = self._check_build_scope()
+    if not tf.distribute.has_strategy() and strategy is not None:
+      # First use outside the scope the model was made in (e.g. a call):
+      # the variables still belong to that strategy.
+      with strategy.scope():
+        return self.build(input_shape)
     if isinstance(input_shape, dict):
       if IMAGE_KEY not in input_shape:
         raise ValueError(f"A dict input needs an {IMAGE_KEY!r} entry, got "
@@ -268,9 +277,9 @@ class ConAdvModel(keras.Model):
       routes.append(AUG)
     for route in routes:
       try:
-        keras.src.backend.compute_output_spec(
-            lambda x, r=route: self.backbone(x, training=True, bn_route=r),
-            spec)
+        # A symbolic call: builds every layer the route uses, computes
+        # nothing and moves no statistics.
+        self.backbone(spec, training=True, bn_route=route)
       except ValueError as err:
         if route == AUG:
           raise ValueError(_no_aug_route_message(self.backbone)) from err
@@ -298,21 +307,83 @@ class ConAdvModel(keras.Model):
     return (self.built and all(l.built for l in self._flatten_layers()) and
             all(p is None or p.built for p in parts))
 
-  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-    """Keras' pre-step build, skipped once everything is built.
+  def _check_build_scope(self):
+    """The strategy the model was made under (None: made outside any).
 
-    Under a distribution strategy, Keras 3.15's TF trainer takes one batch
-    from a fresh iterator of the dataset before every `fit` and `evaluate`
-    (to build the model symbolically), then starts another iterator for the
-    real pass: the input pipeline starts twice, and a resumed pipeline skips
-    its records twice. Once the model, loss, metrics and optimizer exist
-    there is nothing to build, so the peek is skipped
-    (`test_fit_reads_the_dataset_once_when_built` pins this).
+    Raises ValueError (saying what to do, in one line) when building now
+    would mix strategies: another strategy's scope is active than the one
+    the model was made under, the optimizer was made under another strategy
+    than the one the model builds under, or the backbone was already built
+    under another one.
     """
+    made = self._distribute_strategy
+    active = (tf.distribute.get_strategy() if tf.distribute.has_strategy()
+              else None)
+    target = made or tf.distribute.get_strategy()
+    fix = ("create the backbone and the ConAdvModel, compile it and call "
+           "fit/evaluate/predict inside the same `with strategy.scope():`")
+    if made is not None and active is not None and active is not made:
+      raise ValueError(
+          f"ConAdvModel {self.name!r} was created under "
+          f"{type(made).__name__} but is used under {type(active).__name__}; "
+          f"{fix}.")
+    optimizer = getattr(self, "optimizer", None)
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    made_opt = getattr(inner, "_distribution_strategy", None)
+    if (made_opt is not None and inner is not None and not inner.built and
+        made_opt is not target):
+      raise ValueError(
+          f"The optimizer of ConAdvModel {self.name!r} was created under "
+          f"{type(made_opt).__name__} but the model builds under "
+          f"{type(target).__name__}; {fix}.")
+    for v in self.backbone.weights:
+      if not target.extended.variable_created_in_scope(v.value):
+        raise ValueError(
+            f"Backbone {self.backbone.name!r} was built outside the scope of "
+            f"{type(target).__name__} (weight {v.path}); {fix} (an unbuilt "
+            "backbone is built by ConAdvModel).")
+    return made
+
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    """Builds model, loss, metrics and optimizer before the first step.
+
+    Keras 3.15 does this only when the model was made under a strategy, and
+    by taking one batch from a fresh iterator of the dataset (so the input
+    pipeline starts twice, and a resumed pipeline skips its records twice);
+    without a strategy it defers to the first trace, where an optimizer
+    built by `apply_gradients` would hold only the variables that got a
+    gradient (so a checkpoint would depend on the strategy). Here every
+    strategy takes the same path: the model (both BN routes, then the
+    stale-weight buffer), the compiled loss and metrics, then the optimizer
+    over all trainable variables, under the model's strategy scope, from
+    the dataset's element spec (no batch is read); Keras' peek is the
+    fallback for inputs without a plain spec. Nothing happens once all is
+    built (`test_fit_reads_the_dataset_once_when_built`). Under a
+    multi-worker MultiWorkerMirroredStrategy this also applies
+    `keras_mwms_fix` (keras-team/keras#20585).
+    """
+    strategy = self.distribute_strategy
+    keras_mwms_fix.apply_for(strategy)
     if self._fully_built():
       return None
-    return super()._maybe_symbolic_build(iterator=iterator,
-                                         data_batch=data_batch)
+    self._check_build_scope()
+    if data_batch is None and iterator is not None:
+      data_batch = _element_spec(iterator)
+    if data_batch is None:
+      if self._distribute_strategy is not None:
+        return super()._maybe_symbolic_build(iterator=iterator)
+      with strategy.scope():
+        return self._symbolic_build(iterator=iterator)
+    with strategy.scope():
+      return self._symbolic_build(data_batch=data_batch)
+
+  def make_train_function(self, force=False):
+    keras_mwms_fix.apply_for(self.distribute_strategy)
+    return super().make_train_function(force=force)
+
+  def make_test_function(self, force=False):
+    keras_mwms_fix.apply_for(self.distribute_strategy)
+    return super().make_test_function(force=force)
 
   def _build_from_data(self, x):
     """Builds on the first traced step if nothing built the model before.
@@ -494,7 +565,7 @@ class ConAdvModel(keras.Model):
     return keras_loss_module.scale_loss_for_distribution(total)
 
   def train_step(self, data):
-    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     self._build_from_data(x)
     main_images, attack_images, aug_images = self._training_inputs(x)
     step = self._micro_step()
@@ -523,7 +594,7 @@ class ConAdvModel(keras.Model):
         clean_loss = clean_ce + regularization
       else:
         # compute_loss adds model.losses and scales by 1 / replicas.
-        clean_loss = self._compute_loss(
+        clean_loss = self.compute_loss(
             x=main_images, y=y, y_pred=logits, sample_weight=sample_weight,
             training=True)
         loss = clean_loss
@@ -594,7 +665,7 @@ class ConAdvModel(keras.Model):
     return values
 
   def test_step(self, data):
-    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     logits = tf.cast(self(x, training=False), tf.float32)
     batch = tf.shape(logits)[0]
     if sample_weight is None:
@@ -703,6 +774,29 @@ class ConAdvModel(keras.Model):
     config["backbone"] = keras.saving.deserialize_keras_object(
         config["backbone"])
     return cls(**config)
+
+
+def _element_spec(epoch_iterator):
+  """The `tf.TensorSpec` structure of one batch of a Keras epoch iterator
+  (first replica's spec of a distributed dataset), or None if unknown."""
+  adapter = getattr(epoch_iterator, "data_adapter", None)
+  try:
+    spec = adapter.get_tf_dataset().element_spec
+  except (AttributeError, NotImplementedError, TypeError, ValueError):
+    return None
+
+  def one(leaf):
+    if isinstance(leaf, tf.TensorSpec):
+      return leaf
+    values = getattr(leaf, "_value_specs", None)  # PerReplicaSpec.
+    if values and isinstance(values[0], tf.TensorSpec):
+      return values[0]
+    raise TypeError(f"not a tensor spec: {leaf!r}")
+
+  try:
+    return tf.nest.map_structure(one, spec)
+  except TypeError:
+    return None
 
 
 def _no_aug_route_message(backbone):

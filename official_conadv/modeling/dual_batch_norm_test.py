@@ -8,6 +8,7 @@ import keras  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
+from official_conadv import distribute_utils
 from official_conadv.modeling import dual_batch_norm  # pylint: disable=g-import-not-at-top
 
 DualBN = dual_batch_norm.DualBatchNormalization
@@ -301,7 +302,8 @@ def test_synchronized_mirrored_equals_one_device(shape):
   cpus = tf.config.list_logical_devices("CPU")
   if len(cpus) < 2:
     pytest.skip("needs 2 logical CPUs (TF was initialised before the split)")
-  strategy = tf.distribute.MirroredStrategy([d.name for d in cpus[:2]])
+  strategy = distribute_utils.get_strategy(
+      "mirrored", devices=[d.name for d in cpus[:2]])
   x = _inputs(shape)
   half = shape[0] // 2
   weights = _random_weights(shape[-1], 3)

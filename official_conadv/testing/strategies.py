@@ -1,14 +1,14 @@
-"""Strategies shared by the tests of one process.
+"""Strategies shared by the tests of one process (one instance per kind).
 
-Two `MirroredStrategy` objects over the same devices in one process start
-their collective keys at the same values, so the second one can hit the first
-one's cached collective instances ("Shape mismatch in the collective
-instance ..."). Tests therefore share one instance per kind.
+The mirrored one comes from `distribute_utils.get_strategy`, the product's
+path, which gives every MirroredStrategy its own collective keys.
 """
 
 import functools
 
 import tensorflow as tf
+
+from official_conadv import distribute_utils
 
 NAMES = ("default", "one_device", "mirrored")
 
@@ -19,7 +19,7 @@ def _mirrored():
   if len(cpus) < 2:
     raise RuntimeError("Mirrored tests need 2 logical CPUs; conftest.py sets "
                        "them up before TensorFlow starts.")
-  return tf.distribute.MirroredStrategy(cpus[:2])
+  return distribute_utils.get_strategy("mirrored", devices=cpus[:2])
 
 
 @functools.lru_cache(maxsize=None)
