@@ -106,17 +106,21 @@ def _worker_main(argv):
   strategy = distribute_utils.get_strategy(
       "multi_worker_mirrored", patch_keras_fit=args.mode == "patched")
   info = {"applied": keras_mwms_fix.is_applied(),
+          "is_multi_worker": keras_mwms_fix.is_multi_worker(strategy),
           "replicas": strategy.num_replicas_in_sync,
           "task_index": distribute_utils.task_index(),
           "is_chief": distribute_utils.is_chief()}
   with strategy.scope():
     model = _build_model()
   if args.mode == "unpatched":
+    # A plain Keras model: a ConAdvModel would apply the fix by itself.
+    info["model_class"] = type(model).__name__
     try:
       model.fit(_sharded_dataset(strategy), epochs=1, verbose=0)
       info["error"] = None
     except Exception as e:  # pylint: disable=broad-except
       info["error"] = f"{type(e).__name__}: {e}"[:2000]
+    info["applied_after_fit"] = keras_mwms_fix.is_applied()
     multi_worker.emit_result(info)
     return
   history = model.fit(_sharded_dataset(strategy), epochs=EPOCHS, verbose=0,
@@ -148,7 +152,11 @@ def test_unpatched_two_worker_fit_still_fails():
   for r in results:
     info = r.result
     assert info is not None, r.stderr[-3000:]
+    # Keras itself, untouched: a plain Sequential, never patched.
+    assert info["model_class"] == "Sequential"
     assert not info["applied"]
+    assert not info["applied_after_fit"]
+    assert info["is_multi_worker"] is True
     assert info["replicas"] == 2
     assert info["error"] is not None, (
         "Keras fit under 2-worker MWMS now works without keras_mwms_fix: "
@@ -162,6 +170,7 @@ def test_two_worker_fit_matches_one_process():
   infos = [r.result for r in results]
   assert all(i is not None for i in infos), [r.stdout for r in results]
   assert [i["applied"] for i in infos] == [True, True]
+  assert [i["is_multi_worker"] for i in infos] == [True, True]
   assert [i["replicas"] for i in infos] == [2, 2]
   assert [i["task_index"] for i in infos] == [0, 1]
   assert [i["is_chief"] for i in infos] == [True, False]
@@ -216,6 +225,83 @@ def test_apply_is_idempotent_and_revertible(restore_patch_state):
   assert not keras_mwms_fix.is_applied()
   assert trainer.reduce_per_replica is original_reduce
   assert trainer.TensorFlowTrainer._maybe_symbolic_build is original_build  # pylint: disable=protected-access
+
+
+def _single_worker_mwms(monkeypatch):
+  """`tf.distribute.MultiWorkerMirroredStrategy()` without TF_CONFIG: one
+  local worker. Made in this process: cheap, no server starts and no
+  collective runs (TF may warn that collective ops were not configured at
+  startup)."""
+  monkeypatch.delenv("TF_CONFIG", raising=False)
+  return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def test_is_multi_worker_false_off_multi_worker(monkeypatch):
+  """Only an MWMS with more than one worker counts (the 2-process True
+  cases: test_two_worker_fit_matches_one_process and multi_worker_test)."""
+  from keras.src.backend.tensorflow import trainer  # pylint: disable=g-import-not-at-top
+  single = _single_worker_mwms(monkeypatch)
+  assert single.num_replicas_in_sync >= 1
+  strategies = {
+      "default": tf.distribute.get_strategy(),
+      "one_device": tf.distribute.OneDeviceStrategy("/cpu:0"),
+      "mirrored": distribute_utils.get_strategy("mirrored", num_gpus=0),
+      "single_worker_mwms": single,
+  }
+  for name, strategy in strategies.items():
+    assert keras_mwms_fix.is_multi_worker(strategy) is False, name
+    # The same call Keras' trainer uses to pick its multi-worker branches.
+    assert not trainer._collective_all_reduce_multi_worker(strategy), name  # pylint: disable=protected-access
+  assert keras_mwms_fix.is_multi_worker(None) is False
+  # The single-worker MWMS is an MWMS: only its worker count decides.
+  assert isinstance(single, tf.distribute.MultiWorkerMirroredStrategy)
+  monkeypatch.setattr(single.extended, "_num_workers", 2)
+  assert keras_mwms_fix.is_multi_worker(single) is True
+
+
+def test_apply_for_patches_only_for_multi_worker(monkeypatch,
+                                                 restore_patch_state):
+  del restore_patch_state
+  from keras.src.backend.tensorflow import trainer  # pylint: disable=g-import-not-at-top
+  keras_mwms_fix.revert()
+  original_reduce = trainer.reduce_per_replica
+  single = _single_worker_mwms(monkeypatch)
+  others = [tf.distribute.get_strategy(),
+            tf.distribute.OneDeviceStrategy("/cpu:0"),
+            distribute_utils.get_strategy("mirrored", num_gpus=0), single]
+  for strategy in others:
+    assert keras_mwms_fix.apply_for(strategy) is False
+    assert not keras_mwms_fix.is_applied()
+    assert trainer.reduce_per_replica is original_reduce
+  # The same object in multi-worker mode (as with TF_CONFIG of 2 workers).
+  monkeypatch.setattr(single.extended, "_num_workers", 2)
+  assert keras_mwms_fix.apply_for(single) is True
+  assert keras_mwms_fix.is_applied()
+  patched_reduce = trainer.reduce_per_replica
+  assert patched_reduce.__wrapped__ is original_reduce
+  # Once applied it stays: other strategies report it and change nothing.
+  for strategy in others[:3]:
+    assert keras_mwms_fix.apply_for(strategy) is True
+    assert trainer.reduce_per_replica is patched_reduce
+  keras_mwms_fix.revert()
+  assert not keras_mwms_fix.is_applied()
+  assert trainer.reduce_per_replica is original_reduce
+
+
+def test_conadv_model_does_not_patch_off_multi_worker(restore_patch_state):
+  """ConAdvModel calls apply_for on every fit/evaluate; on the default
+  strategy that leaves Keras unpatched."""
+  del restore_patch_state
+  from official_conadv.testing import conadv_worker as problem  # pylint: disable=g-import-not-at-top
+  keras_mwms_fix.revert()
+  model = problem.build_model()
+  x, y = problem.data()
+  ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(
+      problem.GLOBAL_BATCH).take(1)
+  model.fit(ds, epochs=1, verbose=0, shuffle=False)
+  model.evaluate(ds, verbose=0)
+  assert int(model.optimizer.iterations.numpy()) == 1
+  assert not keras_mwms_fix.is_applied()
 
 
 @pytest.mark.parametrize("version", ["2.15.0", "3.16.0", "4.0.1"])

@@ -19,6 +19,13 @@ Both workers must end with identical weights, equal (1e-5) to one process
 training the same global batches with the default strategy (computed here),
 and the resumed run must equal the uninterrupted one, stale-weight ring
 buffer (`model.stale_slot(0)`), momentum slots and `iterations` included.
+
+A third launch (`official_conadv/testing/conadv_user_strategy_worker.py`)
+does what a user would: `tf.distribute.MultiWorkerMirroredStrategy()` made
+directly, an unbuilt ConAdvModel, no call to `keras_mwms_fix`; its `fit`
+must equal the same one-process run, and its `evaluate` the one-process
+`evaluate`, because ConAdvModel applies the fix itself. A fourth, with that
+auto-apply disabled, shows the upstream failure it prevents.
 """
 
 import keras
@@ -30,6 +37,8 @@ from official_conadv.testing import conadv_worker as problem
 from official_conadv.testing import multi_worker
 
 WORKER = "official_conadv/testing/conadv_worker.py"
+USER_STRATEGY_WORKER = (
+    "official_conadv/testing/conadv_user_strategy_worker.py")
 TIMEOUT_S = 120  # Per launch; a launch takes 15-40 s here.
 ATOL = 1e-5
 
@@ -51,7 +60,8 @@ def _assert_states_close(got, want, atol=ATOL, keys=None, what=""):
 def reference():
   """One process, default strategy, whole global batches, one `fit`.
 
-  Returns (state after SAVE_AT steps, final state, fit loss).
+  Returns (state after SAVE_AT steps, final state, fit loss, logs of an
+  `evaluate` over the same batches after the `fit`).
   """
   model = problem.build_model()
   x, y = problem.data()
@@ -66,7 +76,9 @@ def reference():
 
   history = model.fit(ds, epochs=1, verbose=0, shuffle=False,
                       callbacks=[Record()])
-  return at_save, problem.state(model), history.history["loss"]
+  final = problem.state(model)
+  eval_logs = model.evaluate(ds, verbose=0, return_dict=True)
+  return at_save, final, history.history["loss"], eval_logs
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +107,7 @@ def _assert_identical_workers(states, what):
 
 def test_two_worker_fit_equals_one_process(full_run, reference):
   _, _, infos, finals, at_save = full_run
-  want_at_save, want_final, want_loss = reference
+  want_at_save, want_final, want_loss, _ = reference
   assert [i["task_index"] for i in infos] == [0, 1]
   assert [i["is_chief"] for i in infos] == [True, False]
   assert [i["replicas"] for i in infos] == [2, 2]
@@ -132,7 +144,7 @@ def _trainable_indices(model):
 
 def test_checkpoint_resume_equals_uninterrupted(full_run, reference):
   root, ckpt_dir, infos, finals, at_save = full_run
-  _, want_final, _ = reference
+  _, want_final, _, _ = reference
   assert infos[0]["saved"] == f"ckpt-{problem.SAVE_AT}"
   assert tf.train.latest_checkpoint(str(ckpt_dir)).endswith(
       f"ckpt-{problem.SAVE_AT}")
@@ -180,6 +192,68 @@ def test_checkpoint_resume_equals_uninterrupted(full_run, reference):
   # Resumed == uninterrupted two-worker run == one process.
   _assert_states_close(resumed[0], finals[0], what="resumed vs full")
   _assert_states_close(resumed[0], want_final, what="resumed vs reference")
+
+
+def _user_strategy_run(tmp_path, *flags):
+  results = multi_worker.run_workers(
+      USER_STRATEGY_WORKER,
+      ["--out", str(tmp_path / "user{task_index}.npz"), *flags],
+      num_workers=2, timeout=TIMEOUT_S)
+  infos = [r.result for r in results]
+  assert all(i is not None for i in infos), [r.stderr[-3000:] for r in results]
+  assert [i["task_index"] for i in infos] == [0, 1]
+  assert [i["replicas"] for i in infos] == [2, 2]
+  # The strategy is multi-worker, the model was not built and nothing had
+  # applied keras_mwms_fix before `fit`.
+  for info in infos:
+    assert info["is_multi_worker"] is True, info
+    assert info["built_before_fit"] is False, info
+    assert info["applied_before_fit"] is False, info
+  return infos
+
+
+def test_fit_under_user_made_strategy_equals_one_process(tmp_path, reference):
+  """`tf.distribute.MultiWorkerMirroredStrategy()` made by the user, an
+  unbuilt ConAdvModel, no call to keras_mwms_fix: 2-worker `fit` and
+  `evaluate` equal one process (ConAdvModel applies the fix itself)."""
+  _, want_final, want_loss, want_eval = reference
+  infos = _user_strategy_run(tmp_path)
+  for info in infos:
+    assert info["error"] is None, info
+    # Applied by ConAdvModel's build at the start of `fit`, kept after.
+    assert info["applied_at_train_begin"] is True, info
+    assert info["applied_after_fit"] is True, info
+    assert info["iterations"] == problem.NUM_STEPS
+    np.testing.assert_allclose(info["loss"], want_loss, rtol=1e-5)
+
+  finals = [_load(tmp_path / f"user{i}.npz") for i in range(2)]
+  # Backbone weights with BN statistics, stale-weight slot, momentum.
+  assert sorted(finals[0]) == sorted(want_final)
+  assert any(k.startswith("stale0/") for k in want_final)
+  _assert_identical_workers(finals, "user strategy, final")
+  _assert_states_close(finals[0], want_final, what="user strategy vs reference")
+
+  # `evaluate`: the same logs on both workers, equal to one process; every
+  # example counted once over both workers.
+  assert infos[0]["eval"] == infos[1]["eval"]
+  assert sorted(infos[0]["eval"]) == sorted(want_eval)
+  assert want_eval["examples"] == problem.NUM_STEPS * problem.GLOBAL_BATCH
+  for key, want in want_eval.items():
+    np.testing.assert_allclose(infos[0]["eval"][key], want, rtol=1e-5,
+                               err_msg=f"evaluate {key}")
+
+
+def test_user_made_strategy_without_auto_fix_fails_upstream(tmp_path):
+  """Why ConAdvModel applies keras_mwms_fix: with its `apply_for` made a
+  no-op, the same 2-worker `fit` fails in Keras 3's multi-worker reduction
+  of the scalar logs (keras-team/keras#20585). If this starts passing,
+  upstream may be fixed: see keras_mwms_fix_test.py."""
+  infos = _user_strategy_run(tmp_path, "--no_auto_fix")
+  for info in infos:
+    assert info["applied_after_fit"] is False, info
+    assert info["error"] is not None, (
+        "2-worker fit of a ConAdvModel worked without keras_mwms_fix", info)
+    assert "Invalid reduction dimension 0" in info["error"], info["error"]
 
 
 def test_sigterm_on_one_worker_stops_all_at_one_step_then_resumes(tmp_path):

@@ -8,12 +8,14 @@ r"""Command-line entry point: train / evaluate one named experiment.
       --params_override=adversary.delay=2
 
 `--experiment=list` prints every experiment. Bad input (unknown experiment,
-missing data, bad override, incompatible model_dir, ...) ends with a one-line
-`error:` message and exit status 2; a stopped run (non-finite loss, corrupt
-record) with exit status 1. Checkpoints in model_dir are never overwritten by
-a failing run. SIGTERM (a preemption notice) saves a checkpoint at the next
-step boundary, prints one `preempted:` line and exits with status 143; rerun
-the same command to resume.
+missing data, bad override, incompatible model_dir, a --model_dir that is a
+file or not writable, a --data_dir that is a file, ...) ends with a one-line
+`error:` message and exit status 2, before anything is written; a stopped
+run (non-finite loss, corrupt record, a file system error mid-run) with
+exit status 1. Checkpoints in model_dir are never overwritten by a failing
+run. SIGTERM (a preemption notice) saves a checkpoint at the next step
+boundary, prints one `preempted:` line and exits with status 143; rerun the
+same command to resume.
 """
 
 import os
@@ -123,6 +125,14 @@ def main(argv):
           tf.errors.NotFoundError) as e:
     _fail(f"stopped by the input pipeline or a file: {_gist(e.message)} "
           f"(checkpoints in {FLAGS.model_dir} are intact)", 1)
+  except (tf.errors.PermissionDeniedError, tf.errors.AlreadyExistsError,
+          tf.errors.FailedPreconditionError, OSError) as e:
+    # Mostly a file system failing mid-run (permissions changed, disk full):
+    # model_dir and data_dir themselves are checked before the run starts.
+    message = (_gist(e.message) if isinstance(e, tf.errors.OpError) else
+               distribute_utils.one_line(e) or type(e).__name__)
+    _fail(f"stopped: {message} (checkpoints saved before in "
+          f"{FLAGS.model_dir} are kept)", 1)
 
   ev = summary.get("eval", {})
   ips = summary.get("images_per_second")

@@ -29,6 +29,7 @@ import re
 import signal
 import threading
 import time
+import uuid
 from typing import Any, Dict, Optional
 
 from absl import logging
@@ -37,7 +38,9 @@ import tensorflow as tf
 
 from official_conadv import configs
 from official_conadv import distribute_utils
+from official_conadv import keras_mwms_fix
 from official_conadv.data import input_pipeline
+from official_conadv.data import source as source_lib
 from official_conadv.modeling import conadv_model
 from official_conadv.modeling import resnet
 from official_conadv.modeling import small_cnn
@@ -192,11 +195,6 @@ class TrainTimer(keras.callbacks.Callback):
     self.seconds += time.perf_counter() - self._t0
 
 
-def _is_multi_worker(strategy) -> bool:
-  extended = getattr(strategy, "extended", None)
-  return bool(getattr(extended, "_in_multi_worker_mode", lambda: False)())
-
-
 class PreemptionWatcher(keras.callbacks.Callback):
   """Turns SIGTERM (the TPU / GCE / Kubernetes preemption notice) into a
   clean stop at the next step boundary.
@@ -232,7 +230,7 @@ class PreemptionWatcher(keras.callbacks.Callback):
     return False
 
   def stop_requested(self) -> bool:
-    if not _is_multi_worker(self.strategy):
+    if not keras_mwms_fix.is_multi_worker(self.strategy):
       return self.requested
     flag = tf.constant(1.0 if self.requested else 0.0)
     total = self.strategy.reduce(
@@ -256,6 +254,48 @@ def _all_finite(model) -> bool:
 
 
 # ------------------------------------------------------------ model_dir
+def check_model_dir(model_dir: Optional[str]):
+  """ValueError (one line) unless `model_dir` is a writable directory or can
+  be created as one. Call before anything is written.
+
+  Refused: no model_dir; a model_dir that names a file or (local paths) lies
+  under one; a directory this process cannot write to; a new local
+  model_dir whose nearest existing ancestor it cannot write to. Writability
+  is probed by writing and deleting one empty file with a fresh random name
+  (`.write_probe-<hex>`, through tf.io.gfile, so gs:// works too) in
+  model_dir, or in that ancestor when a local model_dir does not exist yet
+  (nothing is created: model_dir is made later, by the run). A remote
+  model_dir (gs://...) is probed in place, existing or not: object stores
+  need no parent directory. Nothing that exists is read or changed.
+  """
+  if not model_dir:
+    raise ValueError("--model_dir is required.")
+  problem = source_lib.not_a_directory("--model_dir", model_dir)
+  if problem:
+    raise ValueError(f"{problem}; point it at a new or existing directory.")
+  if source_lib.is_remote(model_dir) or tf.io.gfile.isdir(model_dir):
+    where, prefix = model_dir, f"--model_dir {model_dir} is not writable"
+  else:
+    where = source_lib.nearest_existing(model_dir)
+    if where is None:  # Nothing above it exists, not even the root.
+      raise ValueError(f"--model_dir {model_dir} cannot be created.")
+    prefix = (f"--model_dir {model_dir} cannot be created: {where} is not "
+              "writable")
+  probe = os.path.join(where, f".write_probe-{uuid.uuid4().hex}")
+  try:
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("")
+  except (tf.errors.OpError, OSError) as e:
+    raise ValueError(f"{prefix} ({distribute_utils.one_line(e)[:160]}): use "
+                     "a directory this job can write to.") from None
+  finally:
+    try:
+      if tf.io.gfile.exists(probe):
+        tf.io.gfile.remove(probe)
+    except (tf.errors.OpError, OSError) as e:
+      logging.warning("Could not delete the write probe %s: %s", probe, e)
+
+
 def check_and_write_config(config: configs.ExperimentConfig, model_dir: str,
                            write: bool, allow_config_change: bool = False):
   """Refuses a model_dir written by an incompatible config; saves ours.
@@ -411,6 +451,12 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
                                            strategy)
   distribute_utils.check_global_batch_size(config.train.eval_batch_size,
                                            strategy)
+  # Where we write and where we read must be directories (one-line errors
+  # before anything is written; the data's are checked by the data layer).
+  check_model_dir(model_dir)
+  if is_chief:
+    print(f"devices: {distribute_utils.describe_devices(strategy)}",
+          flush=True)
   data = config.data
   num_train = data.num_train_examples or input_pipeline.num_examples(
       data.name, "train", data_dir=data.data_dir)

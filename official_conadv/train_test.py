@@ -23,11 +23,13 @@ from absl import flags
 
 import experiments
 from official_conadv import configs
+from official_conadv import distribute_utils
 from official_conadv import rehearse
 from official_conadv import train
 from official_conadv import train_lib
 from official_conadv.data import imagenet
 from official_conadv.data import synthetic
+from official_conadv.testing import testdata
 from official_conadv.testing.preemption import SigtermAt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,13 +47,9 @@ MODE_OVERRIDES = {
 
 
 @pytest.fixture(scope="module")
-def tfrecord_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("imagenet"))
-  synthetic.write_imagenet_tfrecords(d, prefix="train", num_files=2,
-                                     per_file=8, size=(40, 48), seed=0)
-  synthetic.write_imagenet_tfrecords(d, prefix="validation", num_files=1,
-                                     per_file=8, size=(40, 48), seed=1)
-  return d
+def tfrecord_dir():
+  """testdata/imagenet_tfrecord: 8 train and 4 validation records."""
+  return testdata.imagenet_tfrecord()
 
 
 def _cli(args, timeout=240):
@@ -74,12 +72,14 @@ def test_cli_runs_each_mode_on_tfrecords(mode, tfrecord_dir, tmp_path):
   result = _cli(["--experiment=imagenet_resnet50_conadv_4k",
                  f"--data_dir={tfrecord_dir}", f"--model_dir={model_dir}",
                  "--strategy=default", "--verbose=0",
-                 f"--params_override={TINY},{MODE_OVERRIDES[mode]}"])
+                 f"--params_override={TINY},{MODE_OVERRIDES[mode]},"
+                 "data.num_train_examples=8,data.num_eval_examples=4"])
   assert result.returncode == 0, result.stderr[-3000:]
   final = [l for l in result.stdout.splitlines() if l.startswith("FINAL ")]
   assert len(final) == 1 and "step=2" in final[0]
   summary = json.load(open(os.path.join(model_dir, "summary.json")))
   assert summary["step"] == 2
+  assert summary["eval"]["examples"] == 4  # The whole validation shard.
   assert ("adv_loss" in summary["train"]) == (mode != "baseline")
   assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
   saved = json.load(open(os.path.join(model_dir, "config.json")))
@@ -161,7 +161,8 @@ def test_run_stops_exactly_at_its_last_step(total, loop, execution, tmp_path):
 
 
 def test_evaluation_scores_every_image_once_on_two_replicas(tmp_path):
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = distribute_utils.get_strategy("mirrored",
+                                           devices=["/cpu:0", "/cpu:1"])
   # Synchronized BN: replicas keep identical moving statistics, so an image's
   # score does not depend on the replica that gets it.
   config = _smoke("train.train_steps=2,train.steps_per_loop=2,"
@@ -184,7 +185,8 @@ def test_upstream_multi_step_loop_under_mirrored_still_fails():
   """Pins keras-team/keras#19246, why `steps_per_execution_for` runs GPU
   strategies one step per call. If this starts passing, Keras has fixed it:
   drop the workaround."""
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = distribute_utils.get_strategy("mirrored",
+                                           devices=["/cpu:0", "/cpu:1"])
   with strategy.scope():
     model = keras.Sequential([keras.layers.Dense(3)])
     model.compile("sgd", "mse", steps_per_execution=2)

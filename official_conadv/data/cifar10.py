@@ -27,6 +27,9 @@ _TFDS_SPLITS = {source_lib.TRAIN: "train", source_lib.EVAL: "test"}
 def prepare(data_dir: Optional[str] = None):
   """The tfds builder, prepared (downloads on first use). ValueError with
   one line when it is not prepared and cannot be downloaded."""
+  source_lib.check_data_dir(
+      data_dir, f"cifar10 needs a tfds data_dir (a directory holding "
+      f"{TFDS_NAME}/, or where tfds may download it)")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(TFDS_NAME, data_dir=data_dir)
   if builder.is_prepared():

@@ -31,6 +31,8 @@ def split_dir(data_dir: Optional[str], split: str) -> str:
   if not data_dir:
     raise ValueError("image_folder needs data_dir: " + _layout("DATA_DIR")
                      + ".")
+  source_lib.check_data_dir(data_dir, "image_folder needs a directory: "
+                            + _layout("DATA_DIR"))
   path = source_lib.join(data_dir, SPLIT_DIRS[split])
   if not source_lib.is_dir(path):
     raise ValueError(f"No directory {path}: {_layout(data_dir)}.")

@@ -88,6 +88,9 @@ def tfrecord_files(data_dir: Optional[str], split: str,
     raise ValueError(
         "imagenet_tfrecord needs data_dir: the directory holding the "
         "train-* and validation-* TFRecord shards.")
+  source_lib.check_data_dir(
+      data_dir, "imagenet_tfrecord needs the directory holding the train-* "
+      "and validation-* TFRecord shards")
   files = source_lib.glob_files(source_lib.join(data_dir, pattern))
   if not files:
     where = ("does not exist" if not source_lib.is_dir(data_dir)
@@ -212,6 +215,11 @@ def prepare_tfds(data_dir: Optional[str], manual_dir: Optional[str] = None):
   on first use. ValueError (one line: which files to put where) when
   neither is there.
   """
+  source_lib.check_data_dir(
+      data_dir, f"imagenet_tfds needs a tfds data_dir (a directory holding "
+      f"{TFDS_NAME}/, or {TRAIN_TAR} and {VAL_TAR})")
+  source_lib.check_data_dir(manual_dir, f"it must be the directory holding "
+                            f"{TRAIN_TAR} and {VAL_TAR}", what="manual_dir")
   tfds = _tfds()
   builder = tfds.builder(TFDS_NAME, data_dir=data_dir)
   if builder.is_prepared():

@@ -1,5 +1,6 @@
 """Tests for imagenet.py: tfds imagenet2012 via `tfds.testing.mock_data`,
-and the on-disk checks (CPU, offline)."""
+TFRecord shards (the committed testdata/imagenet_tfrecord), and the on-disk
+checks (CPU, offline)."""
 
 import os
 
@@ -10,6 +11,11 @@ import tensorflow_datasets as tfds
 
 from official_conadv.data import imagenet
 from official_conadv.data import input_pipeline as ip
+from official_conadv.testing import testdata
+
+# testdata/imagenet_tfrecord: 1-based labels, as in the ImageNet shards.
+FIXTURE_LABELS = {"train": [1, 2, 3, 4, 5, 6, 7, 1000],
+                  "validation": [1, 2, 3, 1000]}
 
 
 def _fake_tars(directory):
@@ -102,3 +108,64 @@ def test_tfrecord_files_are_sorted_and_patterned(tmp_path):
   assert len(imagenet.tfrecord_files(str(tmp_path), "eval")) == 1
   custom = imagenet.tfrecord_files(str(tmp_path), "eval", "README")
   assert len(custom) == 1
+
+
+def test_fixture_shards_parse_with_the_standard_label_offset():
+  d = testdata.imagenet_tfrecord()
+  for split, want in FIXTURE_LABELS.items():
+    files = imagenet.tfrecord_files(d, split)
+    assert [os.path.basename(f) for f in files] == [f"{split}-00000-of-00001"]
+    labels = []
+    for record in tf.data.TFRecordDataset(files):
+      image_bytes, label = imagenet.parse_example(record)
+      image = tf.io.decode_jpeg(image_bytes)
+      assert image.shape == (16, 24, 3) and image.dtype == tf.uint8
+      labels.append(int(label))
+      example = tf.train.Example.FromString(record.numpy())
+      feature = example.features.feature
+      assert feature["image/format"].bytes_list.value == [b"JPEG"]
+      assert feature["image/height"].int64_list.value == [16]
+      assert feature["image/width"].int64_list.value == [24]
+      assert feature["image/class/label"].int64_list.value == [
+          labels[-1] + 1]
+    assert labels == [y - 1 for y in want]  # label_offset=1: 0-based.
+  ip.check_data("imagenet_tfrecord", d)
+
+
+def test_fixture_eval_pipeline_scores_each_record_once():
+  ds = ip.build_dataset("imagenet_tfrecord", "validation",
+                        data_dir=testdata.imagenet_tfrecord(), image_size=16,
+                        global_batch_size=3, is_training=False,
+                        num_examples=4)
+  batches = list(ds)
+  assert len(batches) == 2  # 4 records + 2 padding slots.
+  weights = np.concatenate([w.numpy() for _, _, w in batches])
+  np.testing.assert_array_equal(weights, [1, 1, 1, 1, 0, 0])
+  labels = np.concatenate([y.numpy() for _, y, _ in batches])
+  assert labels[:4].tolist() == [0, 1, 2, 999]
+  images = np.concatenate([x.numpy() for x, _, _ in batches])
+  assert images.shape == (6, 16, 16, 3)
+  assert (images[:4].reshape(4, -1).max(-1) > 0).all()
+
+
+def test_fixture_with_label_offset_0_fails_on_label_1000():
+  # 1-based shards read as 0-based: label 1000 is out of [0, 1000).
+  ds = ip.build_dataset("imagenet_tfrecord", "validation",
+                        data_dir=testdata.imagenet_tfrecord(), image_size=8,
+                        global_batch_size=1, is_training=False,
+                        num_examples=4, label_offset=0)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"Label out of range \[0, 1000\)"):
+    list(ds)
+
+
+def test_data_dir_that_is_a_file_is_named(tmp_path):
+  shard = os.path.join(testdata.imagenet_tfrecord(), "train-00000-of-00001")
+  with pytest.raises(ValueError, match=f"data_dir {shard} is a file, not a "
+                     "directory; imagenet_tfrecord needs the directory"):
+    ip.check_data("imagenet_tfrecord", shard)
+  with pytest.raises(ValueError, match=f"data_dir {shard} is a file, not a "
+                     "directory; imagenet_tfds needs a tfds data_dir"):
+    ip.check_data("imagenet_tfds", shard)
+  with pytest.raises(ValueError, match=f"manual_dir {shard} is a file"):
+    imagenet.prepare_tfds(str(tmp_path), manual_dir=shard)

@@ -102,6 +102,57 @@ def join(*parts: str) -> str:
   return os.path.join(*parts)
 
 
+def is_remote(path: str) -> bool:
+  """A path with a scheme (gs://, s3://, ram://...), not a local one."""
+  return "://" in path
+
+
+def nearest_existing(path: str) -> Optional[str]:
+  """`path` or its nearest ancestor that exists (local paths), else None."""
+  path = os.path.abspath(path)
+  while not tf.io.gfile.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      return None
+    path = parent
+  return path
+
+
+def blocking_file(path: Optional[str]) -> Optional[str]:
+  """The file that keeps `path` from being (or becoming) a directory, or
+  None: `path` itself when it names a file, else (local paths) the nearest
+  existing ancestor when that is a file. On object stores (gs://) only the
+  first is checked: "a/b" may exist there beside an object "a"."""
+  if not path:
+    return None
+  if tf.io.gfile.exists(path):
+    return None if tf.io.gfile.isdir(path) else path
+  if is_remote(path):
+    return None
+  existing = nearest_existing(path)
+  if existing and not tf.io.gfile.isdir(existing):
+    return existing
+  return None
+
+
+def not_a_directory(what: str, path: Optional[str]) -> Optional[str]:
+  """"<what> <path> is a file, not a directory" (or "<what> <path>: <its
+  ancestor> is a file, ...") when `blocking_file(path)`, else None."""
+  blocker = blocking_file(path)
+  if blocker is None:
+    return None
+  where = f"{what} {path}" if blocker == path else f"{what} {path}: {blocker}"
+  return f"{where} is a file, not a directory"
+
+
+def check_data_dir(data_dir: Optional[str], needs: str, what="data_dir"):
+  """ValueError (one line) when `data_dir` names a file, or lies under one;
+  `needs` says what the dataset wants there."""
+  problem = not_a_directory(what, data_dir)
+  if problem:
+    raise ValueError(f"{problem}; {needs}.")
+
+
 def tfds_records(builder, tfds_split: str, is_training: bool, *,
                  cycle_length: int = 16):
   """`Source.records` for a tfds dataset with an "image" (encoded bytes,

@@ -1,0 +1,1 @@
+"""Committed test fixtures and the script that makes them (README.md)."""
