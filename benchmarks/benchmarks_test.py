@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from benchmarks import converted_backbone
 from benchmarks import input_pipeline
 from benchmarks import peers
 from benchmarks import resume_cost
@@ -89,6 +90,32 @@ def test_peers_keras_step():
 def test_peers_rejects_unknown():
   with pytest.raises(ValueError, match="Unknown peers"):
     peers.run(depth=10, peers=["torch"], verbose=False, **TINY)
+
+
+def test_converted_backbone(tmp_path):
+  """Schema of the EfficientNet-B0 benchmark, and its candidates train the
+  same network: the plain and the converted model (same seed, Keras BN ops:
+  fused=False) take the same first step (same loss). (The default fused BN
+  kernel differs by float rounding, which batch statistics of 2 images at
+  1x1 spatial size in the last blocks amplify.)"""
+  out = tmp_path / "converted.json"
+  tiny = {k: v for k, v in TINY.items() if k != "warmup"}
+  result = converted_backbone.run(candidates=["plain", "converted"],
+                                  warmup=1, fused=False, output=str(out),
+                                  verbose=False, **tiny)
+  assert _load(out) == json.loads(json.dumps(result))
+  rows = {r["candidate"]: r for r in result["rows"]}
+  assert list(rows) == ["plain", "converted"]
+  for row in rows.values():
+    for key in ("median_s", "min_s", "max_s", "images_per_s", "over_plain",
+                "over_plain_min"):
+      assert _positive(row[key]), (key, row)
+  assert rows["plain"]["over_plain"] == 1.0
+  losses = result["first_step_loss"]
+  assert _positive(losses["plain"])
+  assert losses["converted"] == pytest.approx(losses["plain"], rel=1e-6)
+  with pytest.raises(ValueError, match="Unknown candidates"):
+    converted_backbone.run(candidates=["timm"], verbose=False, **TINY)
 
 
 def test_stale_buffer(tmp_path):

@@ -18,8 +18,11 @@ from official_conadv.adversarial import attacks
 
 @dataclasses.dataclass
 class ModelConfig:
-  """Backbone. `name`: "resnet" (official_conadv.modeling.resnet.ResNet) or
-  "small_cnn" (a tiny dual-BN convnet for smoke tests)."""
+  """Backbone. `name` (official_conadv.modeling.backbones): "resnet"
+  (modeling.resnet.ResNet), "small_cnn" (a tiny dual-BN convnet for smoke
+  tests) or "keras.applications.<Name>" (e.g. EfficientNetB0, converted by
+  modeling.convert.dual_bn_backbone; it uses only num_classes,
+  synchronized_bn and pixel_scale from here)."""
   name: str = "resnet"
   depth: int = 50
   variant: str = "imagenet"  # "imagenet" (7x7 stem) or "cifar" (3x3 stem).
@@ -36,6 +39,9 @@ class ModelConfig:
   # BN set, as the authors' released code does (clean / AutoAugment /
   # adversarial, loss averaged over the three); see ConAdvModel.
   augmented_route: str = "main"
+  # keras.applications.* only: the [0, 1] pixels are multiplied by this
+  # before the application (keras.applications models take [0, 255]).
+  pixel_scale: float = 255.0
 
 
 @dataclasses.dataclass
@@ -184,9 +190,11 @@ class ExperimentConfig:
       raise ValueError("model.augmented_route='aug' (a third BN set for "
                        "AutoAugment images) needs data.autoaugment and an "
                        "enabled adversary.")
-    if self.model.name not in ("resnet", "small_cnn"):
-      raise ValueError(f"model.name must be 'resnet' or 'small_cnn', got "
-                       f"{self.model.name!r}.")
+    from official_conadv.modeling import backbones  # pylint: disable=g-import-not-at-top
+    backbones.validate(self.model.name)
+    if self.model.pixel_scale <= 0:
+      raise ValueError(f"model.pixel_scale must be > 0, got "
+                       f"{self.model.pixel_scale}.")
     if not 0.0 <= d.label_smoothing < 1.0:
       raise ValueError(f"data.label_smoothing must be in [0, 1), got "
                        f"{d.label_smoothing}.")

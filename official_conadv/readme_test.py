@@ -1,9 +1,10 @@
-"""The README's "Using it" example runs as pasted.
+"""The README's "Using it" examples run as pasted.
 
-The first ```python block under "## Using it" is written to a file and run
-by a fresh interpreter (its own process: TensorFlow starts without the test
-session's CPU split, as on a user's machine). It must exit 0 and its `fit`
-must score all 1,000 held-out digits.
+Each ```python block under "## Using it" is written to a file and run by a
+fresh interpreter (its own process: TensorFlow starts without the test
+session's CPU split, as on a user's machine). The first must exit 0 with
+`fit` scoring all 1,000 held-out digits; the second (bring your own model)
+must give a ConAdvModel that predicts 1,000 logits and has adversarial BN.
 """
 
 import os
@@ -14,27 +15,49 @@ import sys
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def using_it_example(readme_text):
-  """The first python code block of the "## Using it" section."""
+def using_it_examples(readme_text):
+  """The python code blocks of the "## Using it" section, in order."""
   section = readme_text.split("\n## Using it\n", 1)[1].split("\n## ", 1)[0]
-  match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-  assert match, "no ```python block under '## Using it'"
-  return match.group(1)
+  blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+  assert blocks, "no ```python block under '## Using it'"
+  return blocks
+
+
+def _run(tmp_path, code):
+  script = tmp_path / "example.py"
+  script.write_text(code)
+  env = dict(os.environ, PYTHONPATH=_ROOT, CUDA_VISIBLE_DEVICES="",
+             TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=600,
+                        check=False)
 
 
 def test_using_it_example_runs_as_pasted(tmp_path):
   with open(os.path.join(_ROOT, "README.md"), encoding="utf-8") as f:
-    example = using_it_example(f.read())
+    example = using_it_examples(f.read())[0]
   assert ".build(" not in example
   assert "..." not in example
-  script = tmp_path / "example.py"
   # One-line progress per epoch, so the held-out scores can be read back.
-  script.write_text(example.replace("epochs=2)", "epochs=2, verbose=2)"))
-  env = dict(os.environ, PYTHONPATH=_ROOT, CUDA_VISIBLE_DEVICES="",
-             TF_CPP_MIN_LOG_LEVEL="2")
-  done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                        capture_output=True, text=True, timeout=600,
-                        check=False)
+  done = _run(tmp_path,
+              example.replace("epochs=2)", "epochs=2, verbose=2)"))
   assert done.returncode == 0, done.stderr[-3000:]
   examples = re.findall(r"val_examples: ([0-9.]+)", done.stdout)
   assert [float(e) for e in examples] == [1000.0, 1000.0], done.stdout[-2000:]
+
+
+def test_bring_your_own_model_example_runs_as_pasted(tmp_path):
+  """The "Bring your own model" block builds a ConAdvModel around a
+  converted EfficientNet-B0 (checked by the lines appended to it)."""
+  with open(os.path.join(_ROOT, "README.md"), encoding="utf-8") as f:
+    example = using_it_examples(f.read())[1]
+  assert "dual_bn_backbone" in example and "..." not in example
+  check = ("\nimport numpy as np\n"
+           "x = np.random.default_rng(0).uniform(size=(2, 224, 224, 3))\n"
+           "out = model.predict(x.astype('float32'), verbose=0)\n"
+           "assert out.shape == (2, 1000), out.shape\n"
+           "assert any(v.path.endswith('/adv/gamma') for v in model.weights)\n"
+           "print('ok')\n")
+  done = _run(tmp_path, example + check)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip().endswith("ok")

@@ -41,9 +41,8 @@ from official_conadv import distribute_utils
 from official_conadv import keras_mwms_fix
 from official_conadv.data import input_pipeline
 from official_conadv.data import source as source_lib
+from official_conadv.modeling import backbones
 from official_conadv.modeling import conadv_model
-from official_conadv.modeling import resnet
-from official_conadv.modeling import small_cnn
 from official_conadv.optimization import lars
 from official_conadv.optimization import lr_schedules
 
@@ -55,22 +54,11 @@ class TrainingError(RuntimeError):
 
 
 # ---------------------------------------------------------------- building
-def build_backbone(c: configs.ModelConfig) -> keras.Model:
-  """The backbone; a third BN set ("aug") when `c.augmented_route == "aug"`."""
-  augmented_bn = c.augmented_route == conadv_model.AUG
-  if c.name == "small_cnn":
-    return small_cnn.SmallCNN(num_classes=c.num_classes,
-                              filters=(c.width, 2 * c.width),
-                              synchronized_bn=c.synchronized_bn,
-                              bn_momentum=c.bn_momentum,
-                              bn_epsilon=c.bn_epsilon,
-                              augmented_bn=augmented_bn)
-  return resnet.ResNet(
-      depth=c.depth, num_classes=c.num_classes, variant=c.variant,
-      width=c.width, bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon,
-      synchronized_bn=c.synchronized_bn,
-      zero_init_residual=c.zero_init_residual, input_mean=c.input_mean,
-      input_std=c.input_std, augmented_bn=augmented_bn)
+def build_backbone(c: configs.ModelConfig, image_shape) -> keras.Model:
+  """The backbone `c.name` names (`backbones`), for images of `image_shape`
+  (H, W, C); a third BN set ("aug") when `c.augmented_route == "aug"`."""
+  return backbones.build(c, image_shape,
+                         augmented_bn=c.augmented_route == conadv_model.AUG)
 
 
 def build_adversary(c: configs.AdversaryConfig):
@@ -136,7 +124,7 @@ def build_model(config: configs.ExperimentConfig, image_shape,
   Call inside the strategy scope. `steps_per_execution`: default
   `config.train.steps_per_execution`.
   """
-  model = conadv_model.ConAdvModel(build_backbone(config.model),
+  model = conadv_model.ConAdvModel(build_backbone(config.model, image_shape),
                                    adversary=build_adversary(config.adversary),
                                    augmented_route=config.model.augmented_route)
   model.build((None,) + tuple(image_shape))

@@ -814,7 +814,14 @@ def inference_model(backbone):
   backbone's variables outside `/adv/` and `/aug/`, in order. Its
   `call(images, training=False)` returns the same logits as
   `backbone(images, training=False, bn_route="main")`.
+
+  A backbone with an `inference_model()` method of its own (e.g. a
+  `convert.DualBNBackbone`, which exports the original architecture) is
+  exported by that method instead.
   """
+  export = getattr(backbone, "inference_model", None)
+  if callable(export):
+    return export()
   if not backbone.built:
     raise ValueError("`backbone` must be built before exporting it.")
   with dual_batch_norm.main_only():

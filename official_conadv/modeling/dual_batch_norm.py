@@ -233,9 +233,13 @@ class DualBatchNormalization(keras.layers.Layer):
     self.augmented = bool(augmented) and not main_only_active()
     self.fused = fused
     self.gamma = self.beta = self.moving_mean = self.moving_variance = None
-    self.adv = (_BatchNormSet(self, name=ADV, dtype=self.dtype_policy)
+    # trainable=self.trainable: a layer made frozen (trainable=False, e.g.
+    # from a config) must freeze its auxiliary sets too.
+    self.adv = (_BatchNormSet(self, name=ADV, dtype=self.dtype_policy,
+                              trainable=self.trainable)
                 if self.adversarial else None)
-    self.aug = (_BatchNormSet(self, name=AUG, dtype=self.dtype_policy)
+    self.aug = (_BatchNormSet(self, name=AUG, dtype=self.dtype_policy,
+                              trainable=self.trainable)
                 if self.augmented else None)
     self._axis = None
     self._reduction_axes = None

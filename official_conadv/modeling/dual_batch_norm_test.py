@@ -399,3 +399,17 @@ def test_augmented_false_by_default_and_dropped_by_main_only():
       "gamma", "beta", "moving_mean", "moving_variance"]
   assert dual_batch_norm.ALL_ROUTES == ("main", "adv", "aug")
   dual_batch_norm.validate_route("aug")
+
+
+def test_frozen_layer_freezes_every_set():
+  """trainable=False (e.g. a frozen layer rebuilt from its config) leaves no
+  BN set trainable: the adv and aug gammas/betas get no gradient either."""
+  layer = dual_batch_norm.DualBatchNormalization(trainable=False,
+                                                 augmented=True)
+  layer.build((2, 4))
+  assert layer.trainable_weights == []
+  assert len(layer.non_trainable_weights) == 12
+  rebuilt = dual_batch_norm.DualBatchNormalization.from_config(
+      layer.get_config())
+  rebuilt.build((2, 4))
+  assert rebuilt.trainable_weights == []

@@ -1,4 +1,4 @@
-"""Pins the private Keras 3 behaviour ConAdvModel relies on.
+"""Pins the private Keras 3 behaviour ConAdvModel and convert.py rely on.
 
 ConAdvModel uses public Keras API where there is one
 (`keras.utils.unpack_x_y_sample_weight`, `Model.compute_loss`, symbolic
@@ -18,6 +18,9 @@ keras_mwms_fix_test):
   * `TensorFlowTrainer._maybe_symbolic_build(iterator, data_batch)` and
     `Trainer._symbolic_build(iterator, data_batch)`: the pre-step build hook
     ConAdvModel overrides and the builder it calls;
+  * `keras.src.models.functional.Functional` and
+    `Layer._register_call_context_args`: how `convert.py` tells functional
+    models from subclassed ones and passes `bn_route` to the BN layers;
   * `TensorFlowTrainer._distribute_strategy` (the strategy whose scope the
     model was made in, else None) and the TF optimizer's
     `_distribution_strategy` (the strategy it was made under).
@@ -105,3 +108,27 @@ def test_strategy_attributes_record_where_things_were_made():
     optimizer = keras.optimizers.SGD()
   assert inside._distribute_strategy is mirrored  # pylint: disable=protected-access
   assert optimizer._distribution_strategy is mirrored  # pylint: disable=protected-access
+
+
+def test_functional_models_forward_registered_call_context_args():
+  """convert.py: `keras.Model(inputs, outputs)` is a
+  `keras.src.models.functional.Functional`, and a layer that registers a
+  call-context argument (`_register_call_context_args`) receives it from
+  the enclosing functional model's call."""
+  from keras.src.models.functional import Functional  # pylint: disable=g-import-not-at-top
+
+  class Routed(keras.layers.Layer):
+
+    def __init__(self, **kwargs):
+      super().__init__(**kwargs)
+      self._register_call_context_args("bn_route")  # pylint: disable=protected-access
+
+    def call(self, inputs, bn_route=None):
+      return inputs * (2.0 if bn_route == "adv" else 1.0)
+
+  inputs = keras.Input((3,))
+  model = keras.Model(inputs, Routed()(keras.layers.Dense(3)(inputs)))
+  assert isinstance(model, Functional)
+  x = np.ones((1, 3), "float32")
+  main, adv = model(x), model(x, bn_route="adv")
+  np.testing.assert_allclose(2.0 * np.asarray(main), adv)
