@@ -40,4 +40,5 @@ def describe(name: str) -> str:
 
 def _load():
   # Imported for their registration side effect.
-  from experiments import cifar10, imagenet, mnist  # pylint: disable=g-import-not-at-top,unused-import
+  from experiments import (  # pylint: disable=g-import-not-at-top,unused-import
+      cifar10, imagenet, imagenet_efficientnet, mnist, mnist_applications)

@@ -42,6 +42,10 @@ class ModelConfig:
   # keras.applications.* only: the [0, 1] pixels are multiplied by this
   # before the application (keras.applications models take [0, 255]).
   pixel_scale: float = 255.0
+  # keras.applications.* only: None keeps the application's BN momentum;
+  # a value in [0, 1) replaces it in every BN layer (keras.applications
+  # MobileNets use 0.999, too slow for a run of a few hundred steps).
+  application_bn_momentum: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -192,6 +196,10 @@ class ExperimentConfig:
                        "enabled adversary.")
     from official_conadv.modeling import backbones  # pylint: disable=g-import-not-at-top
     backbones.validate(self.model.name)
+    bn_momentum = self.model.application_bn_momentum
+    if bn_momentum is not None and not 0.0 <= bn_momentum < 1.0:
+      raise ValueError("model.application_bn_momentum must be null or in "
+                       f"[0, 1), got {bn_momentum}.")
     if self.model.pixel_scale <= 0:
       raise ValueError(f"model.pixel_scale must be > 0, got "
                        f"{self.model.pixel_scale}.")

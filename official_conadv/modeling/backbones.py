@@ -11,9 +11,10 @@ Names:
     classifier_activation=None)` (logits), turned into a backbone by
     `convert.dual_bn_backbone(model, pixel_scale=model.pixel_scale,
     synchronized_bn=synchronized_bn)`. Its own BN settings (momentum,
-    epsilon) and preprocessing are those of keras.applications; the config's
-    `bn_momentum`, `bn_epsilon`, `width`, `depth`, `input_mean/std` do not
-    apply. `pixel_scale` (255 by default) scales the [0, 1] pixels to the
+    epsilon) and preprocessing are those of keras.applications, except that
+    `application_bn_momentum` (when set) replaces every BN's momentum; the
+    config's `bn_momentum`, `bn_epsilon`, `width`, `depth`, `input_mean/std`
+    do not apply. `pixel_scale` (255 by default) scales the [0, 1] pixels to the
     range the application expects: EfficientNet rescales inside the model;
     ResNet50 and MobileNetV2 expect their `preprocess_input` (caffe / [-1,
     1]), which a from-scratch run can leave to its first BN.
@@ -117,6 +118,11 @@ def _keras_application(c, input_shape, augmented_bn):
   constructor = getattr(keras.applications, c.name[len(KERAS_APPLICATIONS):])
   model = constructor(weights=None, include_top=True, input_shape=input_shape,
                       classes=c.num_classes, classifier_activation=None)
+  if c.application_bn_momentum is not None:
+    # Before the conversion, which copies each layer's config to both sets.
+    for layer in model.layers:
+      if isinstance(layer, keras.layers.BatchNormalization):
+        layer.momentum = float(c.application_bn_momentum)
   return convert.dual_bn_backbone(model, pixel_scale=c.pixel_scale,
                                   synchronized_bn=c.synchronized_bn,
                                   augmented_bn=augmented_bn)

@@ -95,3 +95,23 @@ def test_keras_application_is_converted_with_config_arguments():
   assert not any(p.endswith("/aug/gamma") for p in paths)
   augmented = backbones.build(c, (32, 32, 3), augmented_bn=True)
   assert augmented(x, training=False, bn_route="aug").shape == (2, 6)
+
+
+def test_application_bn_momentum_replaces_every_bn_momentum():
+  """None keeps keras.applications' own BN momentum (MobileNetV2: 0.999);
+  a value replaces it in every converted BN layer (both sets share it)."""
+  c = configs.ModelConfig(name="keras.applications.MobileNetV2",
+                          num_classes=3)
+  bns = lambda m: [l for l in m._flatten_layers()  # pylint: disable=protected-access
+                   if isinstance(l, dual_batch_norm.DualBatchNormalization)]
+  kept = bns(backbones.build(c, (32, 32, 3)))
+  assert kept and {l.momentum for l in kept} == {0.999}
+  c = dataclasses.replace(c, application_bn_momentum=0.9)
+  changed = bns(backbones.build(c, (32, 32, 3)))
+  assert len(changed) == len(kept)
+  assert {l.momentum for l in changed} == {0.9}
+  config = configs.ExperimentConfig()
+  config.model = dataclasses.replace(c, application_bn_momentum=1.0)
+  with pytest.raises(ValueError, match=r"application_bn_momentum must be "
+                     r"null or in \[0, 1\), got 1.0"):
+    config.validate()
