@@ -46,11 +46,9 @@ def mnist_mobilenetv2_conadv():
   Command:
     python -m official_conadv.train --experiment=mnist_mobilenetv2_conadv \
         --model_dir=/tmp/mnist_mobilenetv2_conadv
-  Cost: about 4 minutes on a 2-core CPU VM (375 steps, about 0.6 s a step).
-  Result: not yet measured with this command (it needs the
-  model.application_bn_momentum field). The same run with that momentum set
-  by an in-process stand-in (2026-12-01, 2-core CPU VM): held-out top-1 90.4%
-  on 1,000 digits, 246 s.
+  Cost: 144 s in the trainer (2 min 31 s with start-up) on a 2-core CPU VM.
+  Result (this command, 2026-12-01, 2-core CPU VM): held-out top-1 90.4% on
+  all 1,000 held-out digits (top-5 99.0%).
   """
   c = configs.ExperimentConfig(description=mnist_mobilenetv2_conadv.__doc__)
   c.model = configs.ModelConfig(name=MODEL_NAME, num_classes=10,
@@ -75,11 +73,9 @@ def mnist_mobilenetv2_lars():
   Command:
     python -m official_conadv.train --experiment=mnist_mobilenetv2_lars \
         --model_dir=/tmp/mnist_mobilenetv2_lars
-  Cost: about 2 minutes on a 2-core CPU VM (375 steps).
-  Result: not yet measured with this command (it needs the
-  model.application_bn_momentum field). The same run with that momentum set
-  by an in-process stand-in (2026-12-01, 2-core CPU VM): held-out top-1 89.8%
-  on 1,000 digits, 124 s.
+  Cost: 73 s in the trainer (1 min 20 s with start-up) on a 2-core CPU VM.
+  Result (this command, 2026-12-01, 2-core CPU VM): held-out top-1 89.8% on
+  all 1,000 held-out digits (top-5 99.0%).
   """
   c = mnist_mobilenetv2_conadv()
   c.description = mnist_mobilenetv2_lars.__doc__
