@@ -117,6 +117,10 @@ IMAGE_KEY = "image"
 AUGMENTED_KEY = "augmented"
 # Values of ConAdvModel's `augmented_route`.
 AUGMENTED_ROUTES = (MAIN, AUG)
+# Values of AdversaryConfig's `schedule` (module docstring).
+DELAYED = "delayed"
+LOOKAHEAD = "lookahead"
+SCHEDULES = (DELAYED, LOOKAHEAD)
 
 
 @keras.saving.register_keras_serializable(package="official_conadv")
@@ -128,6 +132,12 @@ class AdversaryConfig(attacks.AttackConfig):
     delay: tau >= 0, how many optimizer updates old the attack's weights
       are. 0 is sequential (AdvProp-style) adversarial training, >= 1 is
       ConAdv. With gradient accumulation it counts updates, not batches.
+    schedule: "delayed" (a ring buffer of tau weight snapshots; the attack
+      of step t uses theta_{t - tau}) or "lookahead" (Algorithm 1 as
+      written: step t attacks batch t + tau with theta_t and trains on
+      batch t with the examples made tau steps earlier; a queue of tau
+      batches instead of tau weight copies). Same weights for the same data
+      order; see the module docstring.
     seed: base seed of the attack's stateless random numbers (noise, random
       targets, start-from-clean draws); micro-step m (= step t without
       gradient accumulation) uses (seed, m).
@@ -135,6 +145,7 @@ class AdversaryConfig(attacks.AttackConfig):
 
   delay: int = 1
   seed: int = 0
+  schedule: str = DELAYED
 
   def __post_init__(self):
     super().__post_init__()
@@ -143,6 +154,9 @@ class AdversaryConfig(attacks.AttackConfig):
       raise ValueError(f"`delay` must be an integer >= 0, got {self.delay!r}.")
     if isinstance(self.seed, bool) or not isinstance(self.seed, int):
       raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"`schedule` must be one of {SCHEDULES}, got "
+                       f"{self.schedule!r}.")
 
   @property
   def attack(self) -> attacks.AttackConfig:
@@ -221,10 +235,22 @@ class ConAdvModel(keras.Model):
     if augmented_route == AUG and getattr(backbone, "augmented_bn",
                                           None) is False:
       raise ValueError(_no_aug_route_message(backbone))
+    if (augmented_route == AUG and adversary is not None and
+        adversary.schedule == LOOKAHEAD):
+      raise ValueError("schedule='lookahead' does not support "
+                       "augmented_route='aug' yet; use schedule='delayed'.")
     self.backbone = backbone
     self.adversary = adversary
     self.augmented_route = augmented_route
     self._stale_buffer = []  # tau * num_trainable Keras variables.
+    # Lookahead: tau slots of (x, x_adv, y) per replica, made by the first
+    # `fit` (`_prefill_lookahead`) once the batch shape is known, and
+    # whether they hold examples. The slots are not Keras weights of the
+    # model (they exist only after training started, so a model rebuilt from
+    # its config could not load them); checkpoints carry them
+    # (`_trackable_children`).
+    self._queue_holder = _Untracked()
+    self._queue_ready = None
     self._evaluating = False  # True inside `evaluate` (see get_metrics_result).
     self.clean_loss_tracker = keras.metrics.Mean(name="clean_loss")
     self.adv_loss_tracker = keras.metrics.Mean(name="adv_loss")
@@ -245,6 +271,20 @@ class ConAdvModel(keras.Model):
   @property
   def _three_branch(self):
     return self.augmented_route == AUG
+
+  @property
+  def _queue(self):
+    return self._queue_holder.variables
+
+  @property
+  def _lookahead(self):
+    """True for the lookahead schedule with tau >= 1 (tau = 0 is the same
+    sequential step for both schedules)."""
+    return bool(self.delay) and self.adversary.schedule == LOOKAHEAD
+
+  @property
+  def _uses_stale_buffer(self):
+    return bool(self.delay) and not self._lookahead
 
   # ----------------------------------------------------------------- build
   def build(self, input_shape):
@@ -284,7 +324,12 @@ class ConAdvModel(keras.Model):
         if route == AUG:
           raise ValueError(_no_aug_route_message(self.backbone)) from err
         raise
-    if self.delay:
+    if self._lookahead and self._queue_ready is None:
+      with keras.name_scope(self.name, caller=self):
+        self._queue_ready = keras.Variable(
+            initializer="zeros", shape=(), dtype="int32", trainable=False,
+            aggregation="only_first_replica", name="lookahead_queue_ready")
+    if self._uses_stale_buffer:
       # ON_READ + ONLY_FIRST_REPLICA: every replica keeps and writes its own
       # copy (all replicas write the same theta_t), so the writes need no
       # cross-replica merge and may sit inside tf.cond / tf.switch_case;
@@ -522,7 +567,7 @@ class ConAdvModel(keras.Model):
 
     tf.cond(completed, write_slot, lambda: tf.constant(False))
 
-  def adversarial_examples(self, images, labels, step):
+  def adversarial_examples(self, images, labels, step, weights=None):
     """x_adv for micro-step `step` from theta_{u - tau} (module docstring).
 
     Args:
@@ -532,12 +577,16 @@ class ConAdvModel(keras.Model):
       step: int scalar, the optimizer's micro-step counter m (= the global
         step t without gradient accumulation). It seeds the attack's random
         numbers; the weights are those of update u = m // N.
+      weights: the backbone's trainable weights to attack with (tensors in
+        `backbone.trainable_variables` order); None reads theta_{u - tau}
+        from the ring buffer (delayed schedule). The lookahead schedule
+        passes theta_t and the step the examples are for.
 
     Returns:
       float [B, H, W, C] in [0, 1], within epsilon of `images` (L-inf).
     """
     adversary = self.adversary
-    stale = self._stale_weights(step)
+    stale = self._stale_weights(step) if weights is None else weights
     non_trainable = [
         tf.convert_to_tensor(v) for v in self.backbone.non_trainable_variables
     ]
@@ -555,6 +604,175 @@ class ConAdvModel(keras.Model):
     return attacks.pgd_attack(logits_fn, images, labels, adversary.attack,
                               seed=seed, batch_seed=batch_seed + 1)
 
+  # ------------------------------------------------------------- lookahead
+  def _check_lookahead_input(self, x, sample_weight):
+    if isinstance(x, dict):
+      raise ValueError("schedule='lookahead' takes image tensors; "
+                       "{'image', 'augmented'} inputs need "
+                       "schedule='delayed'.")
+    if sample_weight is not None:
+      raise ValueError("schedule='lookahead' does not take sample weights.")
+    if self._accumulation_steps() != 1:
+      raise ValueError("schedule='lookahead' does not support "
+                       "gradient_accumulation_steps; use schedule='delayed'.")
+    if not self._queue:
+      raise ValueError(
+          "schedule='lookahead': the example queue is empty; train with "
+          "`fit` (its first call fills the queue from the first tau "
+          "batches).")
+
+  def queue_slot(self, slot):
+    """Slot `slot` of the lookahead queue: (x, x_adv, y) variables of this
+    replica's batch; holds batch t for the step t with t % tau == slot."""
+    return self._queue[3 * slot:3 * slot + 3]
+
+  def _switch_slot(self, slot_index, branch):
+    """`branch(slot)` for slot `slot_index` (a tensor; a Python int is fine)."""
+    if self.delay == 1:
+      return branch(0)()
+    return tf.switch_case(tf.cast(slot_index, tf.int32),
+                          [branch(s) for s in range(self.delay)])
+
+  def _push(self, slot_index, values):
+    def write(slot):
+      def fn():
+        for var, value in zip(self.queue_slot(slot), values):
+          var.assign(tf.cast(value, var.dtype))
+        return tf.constant(True)
+      return fn
+    self._switch_slot(slot_index, write)
+
+  def _current_weights(self):
+    return [tf.convert_to_tensor(v) for v in self.backbone.trainable_variables]
+
+  def _lookahead_exchange(self, x, y, step):
+    """Step t = `step`: attacks the incoming batch t + tau with theta_t
+    (seeded with t + tau, as the delayed schedule seeds that batch), pops
+    slot t % tau = (x_t, x_adv_t, y_t) and pushes the new triple into it.
+
+    The attack reads theta_t before the optimizer update and does not feed
+    the update of step t: the two are independent computations.
+    """
+    tau = self.delay
+    step = tf.cast(step, tf.int64)
+    x_adv_new = self.adversarial_examples(x, y, step + tau,
+                                          weights=self._current_weights())
+
+    def read(slot):
+      return lambda: [tf.identity(tf.convert_to_tensor(v))
+                      for v in self.queue_slot(slot)]
+
+    slot_index = step % tau
+    x_t, x_adv_t, y_t = self._switch_slot(slot_index, read)
+    with tf.control_dependencies([x_t, x_adv_t, y_t]):
+      self._push(slot_index, (x, x_adv_new, y))
+    return x_t, x_adv_t, y_t
+
+  def _create_queue(self, element_spec):
+    """Makes the queue, in the strategy scope, for the per-replica share of
+    batches with `element_spec` ((images, labels) of the global batch), and
+    restores it if a checkpoint restored before it existed holds it."""
+    strategy = self.distribute_strategy
+    replicas = strategy.num_replicas_in_sync
+    x_spec, y_spec, _ = keras.utils.unpack_x_y_sample_weight(element_spec)
+    if not (isinstance(x_spec, tf.TensorSpec) and
+            isinstance(y_spec, tf.TensorSpec)):
+      raise ValueError("schedule='lookahead' trains from (images, labels) "
+                       f"batches, got {element_spec}.")
+    batch = x_spec.shape[0] if x_spec.shape.rank else None
+    if (batch is None or any(d is None for d in x_spec.shape) or
+        batch % replicas):
+      raise ValueError(
+          "schedule='lookahead' keeps batches in variables and needs a fixed "
+          f"global batch divisible by the {replicas} replica(s), got "
+          f"{x_spec.shape}; batch with drop_remainder=True.")
+    local = batch // replicas
+    shapes = {"x": (local,) + tuple(x_spec.shape[1:]),
+              "y": (local,) + tuple(y_spec.shape[1:])}
+    dtypes = {"x": x_spec.dtype.name, "y": y_spec.dtype.name}
+    queue = []
+    with strategy.scope(), keras.name_scope(self.name, caller=self):
+      for slot in range(self.delay):
+        for part, kind in (("x", "x"), ("x_adv", "x"), ("y", "y")):
+          queue.append(keras.Variable(
+              initializer="zeros", shape=shapes[kind], dtype=dtypes[kind],
+              trainable=False, aggregation="only_first_replica",
+              synchronization="on_read",
+              name=f"lookahead_slot{slot}_{part}"))
+    self._queue_holder.variables = queue
+    for name, component in self._queue_components():
+      # A tf.train.Checkpoint restored into this model before the queue
+      # existed keeps its values as deferred dependencies: restore them now.
+      self._handle_deferred_dependencies(name=name, trackable=component)
+
+  def _queue_components(self):
+    """(checkpoint name, variable) of every replica's copy of every queue
+    slot. Each replica holds its own batch, so each copy is saved (a
+    synchronized variable would save the first replica's only)."""
+    out = []
+    for i, v in enumerate(self._queue):
+      value = v.value
+      components = getattr(value, "values", None) or (value,)
+      for r, component in enumerate(components):
+        out.append((f"lookahead_queue/{i}/replica{r}", component))
+    return out
+
+  def _prefill_lookahead(self, dataset):
+    """Fills slots 0..tau-1 with the first tau batches of `dataset` and
+    their examples from the current weights (theta_0 before training;
+    seeds 0..tau-1, as the delayed schedule's first tau steps)."""
+    strategy = self.distribute_strategy
+    tau = self.delay
+    batches = strategy.experimental_distribute_dataset(dataset.take(tau))
+
+    @tf.function
+    def fill(x, y, slot):
+      def replica_fn(x, y):
+        x_adv = self.adversarial_examples(x, y, tf.cast(slot, tf.int64),
+                                          weights=self._current_weights())
+        self._push(slot, (x, x_adv, y))
+      strategy.run(replica_fn, args=(x, y))
+
+    filled = 0
+    for batch in batches:
+      x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+      self._check_lookahead_input(x, sample_weight)
+      fill(x, y, tf.constant(filled, tf.int64))
+      filled += 1
+    if filled != tau:
+      raise ValueError(f"schedule='lookahead' needs at least tau={tau} "
+                       f"batches, the dataset has {filled}.")
+    self._queue_ready.assign(1)
+
+  def fit(self, x=None, y=None, *args, **kwargs):
+    """`keras.Model.fit`; with schedule='lookahead', `x` must be a batched
+    `tf.data.Dataset` (fixed batch size), which this feeds tau batches
+    ahead (module docstring): the same dataset, epochs and steps as the
+    delayed schedule train on the same batches."""
+    if not self._lookahead:
+      return super().fit(x, y, *args, **kwargs)
+    if not isinstance(x, tf.data.Dataset) or y is not None:
+      raise ValueError(
+          "schedule='lookahead' trains from a batched tf.data.Dataset of "
+          "(images, labels) (drop_remainder=True); got "
+          f"{type(x).__name__}.")
+    tau = self.delay
+    if not self._fully_built():
+      strategy = self.distribute_strategy
+      keras_mwms_fix.apply_for(strategy)
+      self._check_build_scope()
+      with strategy.scope():
+        self._symbolic_build(data_batch=x.element_spec)
+    if not self._queue:
+      self._create_queue(x.element_spec)
+    if not int(self._queue_ready.numpy()):
+      self._prefill_lookahead(x)
+    # Step t reads batch t + tau: the stream starts tau batches in, and its
+    # last tau batches (whose examples the next fit uses) are the first tau
+    # of the next pass over `x`, which the queue then holds.
+    return super().fit(x.skip(tau).concatenate(x.take(tau)), None, *args,
+                       **kwargs)
+
   # ----------------------------------------------------------------- steps
   def _regularization_loss(self):
     """sum(model.losses), scaled by 1 / replicas as Keras' compute_loss."""
@@ -567,10 +785,17 @@ class ConAdvModel(keras.Model):
   def train_step(self, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     self._build_from_data(x)
-    main_images, attack_images, aug_images = self._training_inputs(x)
     step = self._micro_step()
-    if self.adversary is not None:
-      x_adv = self.adversarial_examples(attack_images, y, step)
+    if self._lookahead:
+      # `x, y` is batch t + tau; train on batch t and its examples, made
+      # tau steps ago with theta_t-tau (module docstring).
+      self._check_lookahead_input(x, sample_weight)
+      main_images, x_adv, y = self._lookahead_exchange(x, y, step)
+      aug_images = None
+    else:
+      main_images, attack_images, aug_images = self._training_inputs(x)
+      if self.adversary is not None:
+        x_adv = self.adversarial_examples(attack_images, y, step)
 
     with tf.GradientTape() as tape:
       logits = tf.cast(self.backbone(main_images, training=True, bn_route=MAIN),
@@ -607,11 +832,11 @@ class ConAdvModel(keras.Model):
     # Variables without a gradient (the adversarial BN in baseline mode) are
     # left out: under Mirrored, None gradients desynchronise the collectives.
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
-    if self.delay:
+    if self._uses_stale_buffer:
       theta = [tf.convert_to_tensor(v)
                for v in self.backbone.trainable_variables]
     self.optimizer.apply_gradients(pairs)
-    if self.delay:
+    if self._uses_stale_buffer:
       self._record_stale_weights(step, theta)
 
     batch = tf.shape(logits)[0]
@@ -756,6 +981,10 @@ class ConAdvModel(keras.Model):
         children[f"backbone_weights/{i}"] = v
       for i, v in enumerate(self._stale_buffer):
         children[f"stale_buffer/{i}"] = v
+      for name, component in self._queue_components():
+        children[name] = component
+      if self._queue_ready is not None:
+        children["lookahead_queue_ready"] = self._queue_ready
     return children
 
   def get_config(self):
@@ -797,6 +1026,13 @@ def _element_spec(epoch_iterator):
     return tf.nest.map_structure(one, spec)
   except TypeError:
     return None
+
+
+class _Untracked:
+  """Holds variables out of Keras' attribute tracking."""
+
+  def __init__(self):
+    self.variables = []
 
 
 def _no_aug_route_message(backbone):

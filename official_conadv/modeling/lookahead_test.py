@@ -1,0 +1,168 @@
+"""Tests of the lookahead schedule (`AdversaryConfig(schedule="lookahead")`).
+
+Lookahead attacks batch t + tau with theta_t and trains on batch t with the
+examples made tau steps earlier; the delayed schedule attacks batch t with
+theta_{t - tau}. Same data order and seeds => the same weights: these tests
+compare the two bit for bit (and with conadv_model_test's hand-written
+reference loop), on the default strategy, one device and 2-replica Mirrored,
+across fit calls and across a checkpoint and restore.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from official_conadv.modeling import conadv_model
+from official_conadv.modeling import conadv_model_test as cmt
+from official_conadv.testing import strategies
+
+STEPS = 7  # >= 2 * tau + 3 for tau = 1, 2.
+ADVERSARY = conadv_model.AdversaryConfig(epsilon=0.1, step_size=0.05,
+                                         steps=2, random_init=True, seed=3)
+
+
+def _adversary(tau, schedule):
+  return dataclasses.replace(ADVERSARY, delay=tau, schedule=schedule)
+
+
+def _dataset(x, y):
+  return tf.data.Dataset.from_tensor_slices((x, y)).batch(
+      8, drop_remainder=True)
+
+
+def _model(strategy_name, tau, schedule, synchronized=True):
+  with strategies.get(strategy_name).scope():
+    backbone = cmt._backbone(synchronized=synchronized)  # pylint: disable=protected-access
+    model = conadv_model.ConAdvModel(backbone,
+                                     adversary=_adversary(tau, schedule))
+    model.compile(optimizer=keras.optimizers.SGD(cmt.LR),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
+  return model
+
+
+def _weights(model):
+  return [v.numpy() for v in model.backbone.weights]
+
+
+def _max_difference(a, b):
+  return max(float(np.abs(p - q).max()) for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("strategy_name", strategies.NAMES)
+@pytest.mark.parametrize("tau", [1, 2])
+def test_lookahead_equals_delayed(strategy_name, tau):
+  """Every weight (BN statistics included) equal after 2 epochs of 7
+  steps; lookahead keeps no weight copies and tau queue slots per replica
+  of (x, x_adv, y) instead."""
+  x, y = cmt._data(STEPS)  # pylint: disable=protected-access
+  results = {}
+  for schedule in conadv_model.SCHEDULES:
+    model = _model(strategy_name, tau, schedule)
+    model.fit(_dataset(x, y), epochs=2, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 2 * STEPS
+    results[schedule] = (model, _weights(model))
+  delayed, lookahead = results["delayed"][0], results["lookahead"][0]
+  assert _max_difference(results["delayed"][1], results["lookahead"][1]) == 0
+  per_replica = 8 // delayed.distribute_strategy.num_replicas_in_sync
+  assert len(delayed._stale_buffer) == tau * len(  # pylint: disable=protected-access
+      delayed.backbone.trainable_variables)
+  assert not lookahead._stale_buffer  # pylint: disable=protected-access
+  assert len(lookahead._queue) == 3 * tau  # pylint: disable=protected-access
+  assert tuple(lookahead.queue_slot(0)[0].shape) == (per_replica,) + cmt.SHAPE
+  assert tuple(lookahead.queue_slot(0)[2].shape) == (per_replica,)
+
+
+@pytest.mark.parametrize("tau", [1, 2])
+def test_lookahead_equals_the_hand_written_reference(tau):
+  """conadv_model_test's reference loop (attack batch t from theta_{t-tau},
+  theta_0 while t < tau) gives the lookahead run's weights at every step."""
+  x, y = cmt._data(STEPS)  # pylint: disable=protected-access
+  model = _model("default", tau, "lookahead", synchronized=False)
+  reference = cmt._backbone()  # pylint: disable=protected-access
+  cmt._copy_weights(model.backbone, reference)  # pylint: disable=protected-access
+  history, recorder = cmt._record_weights(model)  # pylint: disable=protected-access
+  model.fit(_dataset(x, y), epochs=1, verbose=0, callbacks=[recorder])
+  thetas, _ = cmt._reference_run(reference, _adversary(tau, "delayed"), x, y)  # pylint: disable=protected-access
+  for t in range(STEPS):
+    for got, want in zip(history[t], thetas[t]):
+      np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5,
+                                 err_msg=f"step {t}")
+  for got, want in zip(model.backbone.weights, reference.weights):
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5,
+                               rtol=1e-5, err_msg=got.path)
+
+
+def test_the_comparison_detects_a_wrong_schedule():
+  """Attacking batch t + tau with the seed of step t (not t + tau) changes
+  the weights: equality above is not trivial."""
+  x, y = cmt._data(STEPS)  # pylint: disable=protected-access
+  delayed = _model("default", 2, "delayed")
+  delayed.fit(_dataset(x, y), epochs=1, verbose=0)
+
+  class WrongSeed(conadv_model.ConAdvModel):
+
+    def adversarial_examples(self, images, labels, step, weights=None):
+      if weights is not None:
+        step = step - self.delay
+      return super().adversarial_examples(images, labels, step, weights)
+
+  backbone = cmt._backbone(synchronized=True)  # pylint: disable=protected-access
+  wrong = WrongSeed(backbone, adversary=_adversary(2, "lookahead"))
+  wrong.compile(optimizer=keras.optimizers.SGD(cmt.LR),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True))
+  wrong.fit(_dataset(x, y), epochs=1, verbose=0)
+  assert _max_difference(_weights(delayed), _weights(wrong)) > 1e-4
+
+
+@pytest.mark.parametrize("strategy_name", ["default", "mirrored"])
+@pytest.mark.parametrize("tau", [1, 2])
+def test_fit_calls_and_restore_continue_exactly(strategy_name, tau,
+                                                tmp_path):
+  """fit(epochs=1) twice, and fit(epochs=1) + checkpoint + a new model
+  restored from it + fit(epochs=1), both equal fit(epochs=2): the queue
+  (every replica's slots) and its ready flag are restored with the model."""
+  x, y = cmt._data(STEPS)  # pylint: disable=protected-access
+  ds = _dataset(x, y)
+  want = _model(strategy_name, tau, "lookahead")
+  want.fit(ds, epochs=2, verbose=0)
+  twice = _model(strategy_name, tau, "lookahead")
+  twice.fit(ds, epochs=1, verbose=0)
+  path = tf.train.Checkpoint(model=twice, optimizer=twice.optimizer).save(
+      str(tmp_path / "ckpt"))
+  twice.fit(ds, epochs=1, verbose=0)
+  assert _max_difference(_weights(want), _weights(twice)) == 0
+
+  restored = _model(strategy_name, tau, "lookahead")
+  with restored.distribute_strategy.scope():
+    restored.build((None,) + cmt.SHAPE)
+    restored.optimizer.build(restored.trainable_variables)
+  tf.train.Checkpoint(model=restored, optimizer=restored.optimizer).restore(
+      path)
+  assert int(restored._queue_ready.numpy()) == 1  # pylint: disable=protected-access
+  restored.fit(ds, epochs=1, verbose=0)
+  assert _max_difference(_weights(want), _weights(restored)) == 0
+
+
+def test_lookahead_input_errors():
+  x, y = cmt._data(2)  # pylint: disable=protected-access
+  model = _model("default", 1, "lookahead")
+  with pytest.raises(ValueError, match="batched tf.data.Dataset"):
+    model.fit(x, y, batch_size=8, verbose=0)
+  ragged = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+  with pytest.raises(ValueError, match="drop_remainder=True"):
+    model.fit(ragged, verbose=0)
+  with pytest.raises(ValueError, match="augmented_route='aug'"):
+    conadv_model.ConAdvModel(cmt._backbone(augmented=True),  # pylint: disable=protected-access
+                             adversary=_adversary(1, "lookahead"),
+                             augmented_route="aug")
+  with pytest.raises(ValueError, match="`schedule` must be one of"):
+    conadv_model.AdversaryConfig(schedule="ahead")
+  fresh = _model("default", 1, "lookahead")
+  fresh.build((None,) + cmt.SHAPE)
+  with pytest.raises(ValueError, match="the example queue is empty"):
+    fresh.train_on_batch(x[:8], y[:8])
