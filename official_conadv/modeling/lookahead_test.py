@@ -119,8 +119,9 @@ def test_the_comparison_detects_a_wrong_schedule():
   assert _max_difference(_weights(delayed), _weights(wrong)) > 1e-4
 
 
-@pytest.mark.parametrize("strategy_name", ["default", "mirrored"])
-@pytest.mark.parametrize("tau", [1, 2])
+@pytest.mark.parametrize("strategy_name, tau", [("default", 1),
+                                                ("default", 2),
+                                                ("mirrored", 2)])
 def test_fit_calls_and_restore_continue_exactly(strategy_name, tau,
                                                 tmp_path):
   """fit(epochs=1) twice, and fit(epochs=1) + checkpoint + a new model
