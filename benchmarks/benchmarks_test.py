@@ -209,3 +209,67 @@ def test_resume_cost(tmp_path):
     assert _positive(value)
   assert all(len(v) == 1 for v in
              result["raw"]["time_to_first_batch_s"].values())
+
+
+def test_schedules(tmp_path):
+  """Schema of the schedules benchmark at tiny sizes (memory part at 32 px,
+  the one-inter-op-thread subprocess included), and its memory figures
+  equal the formulas: queue = tau x (2 images + labels) of the spec, ring
+  buffer = tau x 4 bytes x the backbone's trainable parameter count."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from benchmarks import schedules  # pylint: disable=g-import-not-at-top
+  from official_conadv.modeling import resnet  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "schedules.json"
+  result = schedules.run(depth=10, memory_taus=(1, 2), memory_batches=(2, 3),
+                         memory_image_size=32, output=str(out),
+                         verbose=False, **TINY)
+  assert _load(out) == json.loads(json.dumps(result))
+  assert set(result) >= {"header", "memory", "timing", "overlap",
+                         "inter_op_1", "threads", "raw_seconds", "config",
+                         "load_average"}
+  backbone = resnet.ResNet(depth=10, num_classes=10)
+  for route in ("main", "adv"):
+    backbone(np.zeros((1, 32, 32, 3), np.float32), training=False,
+             bn_route=route)
+  params = sum(int(np.prod(v.shape)) for v in backbone.trainable_variables)
+  memory = result["memory"]
+  assert [b["backbone_trainable_params"] for b in memory["buffers"]] == [
+      params, params]
+  # Bytes per example: (one image, one label) float32 pixels; one-hot
+  # float32 [10] or int32 labels.
+  example = {"one_hot": (32 * 32 * 3 * 4, 10 * 4),
+             "int32": (32 * 32 * 3 * 4, 4)}
+  rows = {(r["labels"], r["tau"], r["per_replica_batch"]): r
+          for r in memory["rows"]}
+  assert set(rows) == {(l, t, b) for l in ("one_hot", "int32")
+                       for t in (1, 2) for b in (2, 3)}
+  for (labels, tau, batch), row in rows.items():
+    pixels, label = example[labels]
+    assert row["queue_bytes"] == tau * batch * (2 * pixels + label)
+    assert row["buffer_bytes"] == tau * 4 * params
+    assert row["num_queue_variables"] == 3 * tau
+    for key in ("queue_mib", "buffer_mib", "queue_over_buffer"):
+      assert _positive(row[key]), (key, row)
+  for labels, even in memory["break_even"].items():
+    pixels, label = example[labels]
+    assert even["equal_at_per_replica_batch"] == pytest.approx(
+        4 * params / (2 * pixels + label))
+  timing = {r["candidate"]: r for r in result["timing"]}
+  assert list(timing) == list(schedules.CANDIDATES)
+  for row in timing.values():
+    for key in ("median_s", "min_s", "max_s", "images_per_s",
+                "ratio_to_baseline", "ratio_to_baseline_of_minima",
+                "flop_model_ratio"):
+      assert _positive(row[key]), (key, row)
+  for summary in (result["overlap"], result["inter_op_1"]["overlap"]):
+    for key in ("from_medians", "from_minima"):
+      for name in ("attack_plus_train_s", "max_attack_train_s",
+                   "lookahead_s", "lookahead_over_sum"):
+        assert _positive(summary[key][name]), (key, name)
+    assert _positive(summary["lookahead_over_delayed_medians"])
+  assert result["inter_op_1"]["threads"]["inter_op_parallelism_threads"] == 1
+  assert [r["candidate"] for r in result["inter_op_1"]["timing"]] == list(
+      schedules.INTER_OP_CANDIDATES)
+  assert all(len(v) == 1 for v in result["raw_seconds"].values())
+  with pytest.raises(ValueError, match="Unknown candidates"):
+    schedules.build_candidates(["fused"], 10, 32, 2, 10, False)

@@ -725,13 +725,18 @@ class ConAdvModel(keras.Model):
     tau = self.delay
     batches = strategy.experimental_distribute_dataset(dataset.take(tau))
 
+    # The attack compiled as the train step is (XLA draws other random
+    # numbers than plain TF on CPU), per replica as Keras does.
+    @tf.function(jit_compile=bool(getattr(self, "jit_compile", False)))
+    def replica_fn(x, y, slot):
+      x_adv = self.adversarial_examples(x, y, slot,
+                                        weights=self._current_weights())
+      self._push(slot, (x, x_adv, y))
+      return tf.constant(True)
+
     @tf.function
     def fill(x, y, slot):
-      def replica_fn(x, y):
-        x_adv = self.adversarial_examples(x, y, tf.cast(slot, tf.int64),
-                                          weights=self._current_weights())
-        self._push(slot, (x, x_adv, y))
-      strategy.run(replica_fn, args=(x, y))
+      strategy.run(replica_fn, args=(x, y, slot))
 
     filled = 0
     for batch in batches:

@@ -167,3 +167,33 @@ def test_lookahead_input_errors():
   fresh.build((None,) + cmt.SHAPE)
   with pytest.raises(ValueError, match="the example queue is empty"):
     fresh.train_on_batch(x[:8], y[:8])
+
+
+@pytest.mark.parametrize("options", [
+    {"steps_per_execution": 3}, {"jit_compile": True},
+    {"jit_compile": True, "steps_per_execution": 4},
+    {"policy": "mixed_bfloat16"}])
+def test_lookahead_equals_delayed_compiled(options):
+  """Several steps per call, XLA (the queue is filled by an XLA-compiled
+  attack too: XLA draws other random numbers than plain TF on CPU) and
+  bfloat16: still bitwise equal to the delayed schedule (tau 2)."""
+  options = dict(options)
+  policy = options.pop("policy", None)
+  x, y = cmt._data(STEPS)  # pylint: disable=protected-access
+  previous = keras.mixed_precision.global_policy()
+  if policy:
+    keras.mixed_precision.set_global_policy(policy)
+  try:
+    weights = {}
+    for schedule in conadv_model.SCHEDULES:
+      backbone = cmt._backbone()  # pylint: disable=protected-access
+      model = conadv_model.ConAdvModel(backbone,
+                                       adversary=_adversary(2, schedule))
+      model.compile(optimizer=keras.optimizers.SGD(cmt.LR),
+                    loss=keras.losses.SparseCategoricalCrossentropy(
+                        from_logits=True), **options)
+      model.fit(_dataset(x, y), epochs=2, verbose=0)
+      weights[schedule] = _weights(model)
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
+  assert _max_difference(weights["delayed"], weights["lookahead"]) == 0
