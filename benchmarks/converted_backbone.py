@@ -117,13 +117,10 @@ def summarize(times, batch_size):
   ref_min = min(times["plain"]) if "plain" in times else None
   rows = []
   for name, ts in times.items():
-    med = statistics.median(ts)
-    rows.append({
-        "candidate": name, "median_s": med, "min_s": min(ts),
-        "max_s": max(ts), "images_per_s": batch_size / med,
-        "over_plain": med / ref if ref else None,
-        "over_plain_min": min(ts) / ref_min if ref_min else None,
-    })
+    row = step_time.timing_stats(name, ts, batch_size)
+    row["over_plain"] = row["median_s"] / ref if ref else None
+    row["over_plain_min"] = row["min_s"] / ref_min if ref_min else None
+    rows.append(row)
   return rows
 
 

@@ -395,15 +395,12 @@ def summarize(times, batch_size):
   base_min = min(times["baseline"]) if "baseline" in times else None
   rows = []
   for name, ts in times.items():
-    med = statistics.median(ts)
-    rows.append({
-        "candidate": name, "median_s": med, "min_s": min(ts),
-        "max_s": max(ts), "images_per_s": batch_size / med,
-        "ratio_to_baseline": med / base if base else None,
-        "ratio_to_baseline_of_minima": min(ts) / base_min if base_min
-                                       else None,
-        "flop_model_ratio": _FLOPS[name] / _FLOPS["baseline"],
-    })
+    row = step_time.timing_stats(name, ts, batch_size)
+    row["ratio_to_baseline"] = row["median_s"] / base if base else None
+    row["ratio_to_baseline_of_minima"] = (row["min_s"] / base_min
+                                          if base_min else None)
+    row["flop_model_ratio"] = _FLOPS[name] / _FLOPS["baseline"]
+    rows.append(row)
   return rows
 
 

@@ -78,6 +78,14 @@ def time_candidates(steps, data, warmup, repeats):
   return times
 
 
+def timing_stats(name, seconds, batch_size):
+  """One candidate's timing row: median, min, max seconds per step and
+  images/s of the median (the benchmarks add their own ratios)."""
+  med = statistics.median(seconds)
+  return {"candidate": name, "median_s": med, "min_s": min(seconds),
+          "max_s": max(seconds), "images_per_s": batch_size / med}
+
+
 def summarize(times, batch_size):
   base = statistics.median(times["baseline"]) if "baseline" in times else None
   rows = []
