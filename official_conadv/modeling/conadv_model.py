@@ -761,6 +761,11 @@ class ConAdvModel(keras.Model):
           "schedule='lookahead' trains from a batched tf.data.Dataset of "
           "(images, labels) (drop_remainder=True); got "
           f"{type(x).__name__}.")
+    if keras_mwms_fix.is_multi_worker(self.distribute_strategy):
+      raise ValueError(
+          "schedule='lookahead' does not run under a multi-worker "
+          "MultiWorkerMirroredStrategy yet: each worker's queue would need "
+          "its own checkpoint. Use schedule='delayed'.")
     tau = self.delay
     if not self._fully_built():
       strategy = self.distribute_strategy

@@ -149,6 +149,18 @@ def test_fit_calls_and_restore_continue_exactly(strategy_name, tau,
   assert _max_difference(_weights(want), _weights(restored)) == 0
 
 
+def test_lookahead_refuses_multi_worker(monkeypatch):
+  """A multi-worker strategy is refused in one line before anything runs:
+  only the chief's replicas would be in a checkpoint of the queue."""
+  x, y = cmt._data(2)  # pylint: disable=protected-access
+  model = _model("default", 1, "lookahead")
+  monkeypatch.setattr(conadv_model.keras_mwms_fix, "is_multi_worker",
+                      lambda strategy: True)
+  with pytest.raises(ValueError, match="multi-worker"):
+    model.fit(_dataset(x, y), verbose=0)
+  assert not model.built
+
+
 def test_lookahead_input_errors():
   x, y = cmt._data(2)  # pylint: disable=protected-access
   model = _model("default", 1, "lookahead")
