@@ -25,6 +25,24 @@ buffer is made of Keras weights of this model (`only_first_replica`
 aggregation), created in `build()` (inside the strategy scope), so
 `save_weights` and checkpoints carry it and a resumed run is exact.
 
+Lookahead schedule (`AdversaryConfig(schedule="lookahead")`, tau >= 1; paper
+Algorithm 1 as written): no weight snapshots. `fit` takes a batched
+`tf.data.Dataset` (fixed batch size) and feeds it tau batches ahead
+(`x.skip(tau)` followed by the first tau batches of the next pass), so
+`train_step` at step t receives batch t + tau. It attacks that batch with
+theta_t (seeded with t + tau, exactly as the delayed schedule seeds batch
+t + tau), pops slot t mod tau of a per-replica queue, i.e. (x_t, x_adv_t,
+y_t) pushed tau steps earlier, pushes the new triple into the same slot,
+and trains on the popped one. The first `fit` fills the queue from batches
+0..tau-1 with theta_0 (seeds 0..tau-1), compiled like the train step. The
+attack and the update of a step then both depend only on theta_t. Same data
+order => the same weights as the delayed schedule (lookahead_test.py, bit
+for bit). The queue variables are `on_read` per replica, made once the batch
+shape is known, not Keras weights of the model; `tf.train.Checkpoint`
+saves every replica's copy and restores them, also into a model built
+after the restore. Not supported yet: dict (+AA) inputs, sample weights,
+gradient accumulation, multi-worker strategies (refused in one line).
+
 Staleness counts optimizer updates, not batches. With an optimizer built
 with Keras' `gradient_accumulation_steps=N` one update takes N micro-batches
 (Keras 3.15: the raw counter `optimizer._iterations` counts micro-steps m,
