@@ -81,8 +81,6 @@ def _tape_step(forward, variables, jit_compile):
 def build(name, image_size, num_classes, jit_compile, fused=None):
   """The compiled step of candidate `name` (see the module docstring);
   `fused` is the converter's option (None: the fused BN kernel)."""
-  import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from official_conadv.modeling import conadv_model  # pylint: disable=g-import-not-at-top
   from official_conadv.modeling import convert  # pylint: disable=g-import-not-at-top
   if name not in CANDIDATES:
@@ -103,13 +101,7 @@ def build(name, image_size, num_classes, jit_compile, fused=None):
   adversary = (None if mode == "baseline" else
                conadv_model.AdversaryConfig(delay=int(mode[len("delay"):])))
   model = conadv_model.ConAdvModel(backbone, adversary=adversary)
-  model.compile(optimizer=_lars(),
-                loss=keras.losses.SparseCategoricalCrossentropy(
-                    from_logits=True))
-  model.build((None, image_size, image_size, 3))
-  model.optimizer.build(model.trainable_variables)
-  return tf.function(lambda x, y: model.train_step((x, y))["loss"],
-                     jit_compile=jit_compile)
+  return step_time.compiled_train_step(model, image_size, jit_compile)
 
 
 def summarize(times, batch_size):

@@ -280,10 +280,8 @@ def build_lookahead(depth, image_size, batch_size, num_classes, jit_compile,
     loss; the queue holds tau batches (a dataset of random batches of the
     same shape, `_prefill_lookahead`).
   """
-  import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from official_conadv.modeling import conadv_model  # pylint: disable=g-import-not-at-top
-  from official_conadv.optimization import lars  # pylint: disable=g-import-not-at-top
 
   class NoAttack(conadv_model.ConAdvModel):
     """The lookahead step with the attack replaced by the identity."""
@@ -294,17 +292,10 @@ def build_lookahead(depth, image_size, batch_size, num_classes, jit_compile,
 
   model = _conadv(depth, num_classes, tau, "lookahead",
                   NoAttack if without_attack else None)
-  model.build((None, image_size, image_size, 3))
-  model.compile(optimizer=lars.LARS(learning_rate=0.1, momentum=0.9,
-                                    weight_decay_rate=5e-5),
-                loss=keras.losses.SparseCategoricalCrossentropy(
-                    from_logits=True))
-  model.optimizer.build(model.trainable_variables)
+  fn = step_time.compiled_train_step(model, image_size, jit_compile)
   dataset = _random_batches(tau, batch_size, image_size, num_classes, seed=7)
   model._create_queue(dataset.element_spec)  # pylint: disable=protected-access
   model._prefill_lookahead(dataset)  # pylint: disable=protected-access
-  fn = tf.function(lambda x, y: model.train_step((x, y))["loss"],
-                   jit_compile=jit_compile)
   return model, fn
 
 

@@ -41,26 +41,33 @@ FLOP_PREDICTION = {"baseline": 1.0, "adversarial": 8.0 / 3.0}
 
 def build_step(mode, depth, image_size, num_classes, jit_compile):
   """A compiled train step of ConAdvModel(ResNet) for `mode`."""
-  import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from official_conadv.modeling import conadv_model  # pylint: disable=g-import-not-at-top
   from official_conadv.modeling import resnet  # pylint: disable=g-import-not-at-top
-  from official_conadv.optimization import lars  # pylint: disable=g-import-not-at-top
 
   adversary = None
   if mode != "baseline":
     adversary = conadv_model.AdversaryConfig(delay=int(mode[len("delay"):]))
   model = conadv_model.ConAdvModel(
       resnet.ResNet(depth=depth, num_classes=num_classes), adversary=adversary)
+  return model, compiled_train_step(model, image_size, jit_compile)
+
+
+def compiled_train_step(model, image_size, jit_compile):
+  """Builds `model` (a ConAdvModel) for square images, compiles it with the
+  benchmarks' LARS (lr 0.1, momentum 0.9, weight decay 5e-5) and sparse
+  cross-entropy, builds the optimizer, and returns its train step as a
+  tf.function fn(x, y) -> loss (traced at its first call)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from official_conadv.optimization import lars  # pylint: disable=g-import-not-at-top
   model.build((None, image_size, image_size, 3))
   model.compile(optimizer=lars.LARS(learning_rate=0.1, momentum=0.9,
                                     weight_decay_rate=5e-5),
                 loss=keras.losses.SparseCategoricalCrossentropy(
                     from_logits=True))
   model.optimizer.build(model.trainable_variables)
-  fn = tf.function(lambda x, y: model.train_step((x, y))["loss"],
-                   jit_compile=jit_compile)
-  return model, fn
+  return tf.function(lambda x, y: model.train_step((x, y))["loss"],
+                     jit_compile=jit_compile)
 
 
 def time_candidates(steps, data, warmup, repeats):

@@ -785,12 +785,8 @@ class ConAdvModel(keras.Model):
           "MultiWorkerMirroredStrategy yet: each worker's queue would need "
           "its own checkpoint. Use schedule='delayed'.")
     tau = self.delay
-    if not self._fully_built():
-      strategy = self.distribute_strategy
-      keras_mwms_fix.apply_for(strategy)
-      self._check_build_scope()
-      with strategy.scope():
-        self._symbolic_build(data_batch=x.element_spec)
+    # The build Keras' fit would do, before the queue needs the variables.
+    self._maybe_symbolic_build(data_batch=x.element_spec)
     if not self._queue:
       self._create_queue(x.element_spec)
     if not int(self._queue_ready.numpy()):
