@@ -278,7 +278,7 @@ def build_lookahead(depth, image_size, batch_size, num_classes, jit_compile,
   Returns:
     (model, fn): fn(x, y) runs `model.train_step((x, y))` and returns the
     loss; the queue holds tau batches (a dataset of random batches of the
-    same shape, `_prefill_lookahead`).
+    same shape, `fill_lookahead_queue`).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from official_conadv.modeling import conadv_model  # pylint: disable=g-import-not-at-top
@@ -294,8 +294,7 @@ def build_lookahead(depth, image_size, batch_size, num_classes, jit_compile,
                   NoAttack if without_attack else None)
   fn = step_time.compiled_train_step(model, image_size, jit_compile)
   dataset = _random_batches(tau, batch_size, image_size, num_classes, seed=7)
-  model._create_queue(dataset.element_spec)  # pylint: disable=protected-access
-  model._prefill_lookahead(dataset)  # pylint: disable=protected-access
+  model.fill_lookahead_queue(dataset)
   return model, fn
 
 

@@ -62,6 +62,12 @@ class AdversaryConfig:
   targeted: bool = False
   delay: int = 1
   seed: int = 0
+  # "delayed": attack batch t with theta_{t-delay} from a ring buffer of
+  # weight copies. "lookahead" (paper Algorithm 1): attack batch t+delay with
+  # theta_t and keep the examples in a queue until step t+delay; the same
+  # weights for the same data, a queue of delay x (x, x_adv, y) per replica
+  # instead of delay weight copies. README: "Two schedules".
+  schedule: str = "delayed"
 
 
 @dataclasses.dataclass
@@ -206,6 +212,13 @@ class ExperimentConfig:
     if not 0.0 <= d.label_smoothing < 1.0:
       raise ValueError(f"data.label_smoothing must be in [0, 1), got "
                        f"{d.label_smoothing}.")
+    if a.schedule not in ("delayed", "lookahead"):
+      raise ValueError("adversary.schedule must be 'delayed' or "
+                       f"'lookahead', got {a.schedule!r}.")
+    if a.enabled and a.schedule == "lookahead" and d.autoaugment:
+      raise ValueError("adversary.schedule='lookahead' does not support "
+                       "data.autoaugment yet; use adversary.schedule="
+                       "'delayed'.")
     if d.autoaugment not in (None, "v0"):
       raise ValueError(f"data.autoaugment must be null or 'v0', got "
                        f"{d.autoaugment!r}.")
@@ -369,19 +382,23 @@ class Difference:
 
 def incompatibilities(saved: Dict[str, Any], current: ExperimentConfig):
   """`Difference`s between a saved and the current config, outside
-  RESUMABLE_FIELDS."""
+  RESUMABLE_FIELDS. A field the saved config lacks (written before the field
+  existed) counts as its default: a run of an older version, whose behaviour
+  the default keeps, resumes."""
   diffs = []
 
-  def walk(a, b, prefix):
+  def walk(a, b, defaults, prefix):
     for key in sorted(set(a) | set(b)):
       name = f"{prefix}{key}"
-      va, vb = a.get(key), b.get(key)
+      default = defaults.get(key) if isinstance(defaults, dict) else None
+      va, vb = a.get(key, default), b.get(key)
       if isinstance(va, dict) and isinstance(vb, dict):
-        walk(va, vb, name + ".")
+        walk(va, vb, default, name + ".")
       elif name not in RESUMABLE_FIELDS and _normalise(va) != _normalise(vb):
         diffs.append(Difference(name, va, vb))
 
-  walk(saved, json.loads(current.to_json()), "")
+  walk(saved, json.loads(current.to_json()),
+       json.loads(ExperimentConfig().to_json()), "")
   return diffs
 
 

@@ -62,6 +62,9 @@ def test_override_parses_types():
     ("train.global_batch_size=0", "train.global_batch_size must be > 0"),
     ("data.autoaugment=v9", "data.autoaugment"),
     ("optimizer.name=adam", "optimizer.name"),
+    ("adversary.schedule=ahead", "adversary.schedule must be 'delayed' or"),
+    ("adversary.schedule=lookahead,data.autoaugment=v0",
+     "'lookahead' does not support data.autoaugment"),
 ])
 def test_bad_overrides_name_the_problem(text, match):
   with pytest.raises(ValueError, match=match):
@@ -82,6 +85,23 @@ def test_json_round_trip_and_incompatibilities():
   assert [x.field for x in diffs] == ["adversary.delay",
                                       "optimizer.learning_rate"]
   assert str(diffs[0]).startswith("adversary.delay: 1")
+
+
+def test_a_field_missing_from_a_saved_config_counts_as_its_default():
+  """A model_dir written before `adversary.schedule` existed resumes with
+  the default ("delayed", the only behaviour then) and is refused with
+  "lookahead"; a missing field with a non-default value is flagged too."""
+  c = experiments.get("imagenet_resnet50_conadv_32k")
+  old = json.loads(c.to_json())
+  del old["adversary"]["schedule"]
+  assert configs.incompatibilities(old, c) == []
+  diffs = configs.incompatibilities(
+      old, configs.override(c, "adversary.schedule=lookahead"))
+  assert [str(x) for x in diffs] == [
+      "adversary.schedule: 'delayed' in model_dir vs 'lookahead' now"]
+  del old["data"]["label_smoothing"]  # 0.1 in this row, 0.0 by default.
+  assert [x.field for x in configs.incompatibilities(old, c)] == [
+      "data.label_smoothing"]
 
 
 @pytest.mark.parametrize("override,field", [

@@ -254,29 +254,3 @@ def test_user_made_strategy_without_auto_fix_fails_upstream(tmp_path):
     assert info["error"] is not None, (
         "2-worker fit of a ConAdvModel worked without keras_mwms_fix", info)
     assert "Invalid reduction dimension 0" in info["error"], info["error"]
-
-
-def test_sigterm_on_one_worker_stops_all_at_one_step_then_resumes(tmp_path):
-  """The trainer on 2 workers: SIGTERM reaches worker 0 only; both stop at
-  the same step, the chief's checkpoint holds it, and a relaunch of the
-  same command finishes the run from there."""
-  model_dir = str(tmp_path / "run")
-  override = ("train.train_steps=12,train.steps_per_loop=5,"
-              "train.steps_per_execution=1")
-  args = ["--model_dir", model_dir, "--params_override", override]
-  first = multi_worker.run_workers(
-      "official_conadv/testing/trainer_worker.py", args + ["--sigterm_at", "2"],
-      num_workers=2, timeout=TIMEOUT_S)
-  statuses = [r.result for r in first]
-  assert [s["status"] for s in statuses] == ["preempted", "preempted"], \
-      statuses
-  step = statuses[0]["step"]
-  assert statuses[1]["step"] == step and 2 <= step < 5
-  latest = tf.train.latest_checkpoint(f"{model_dir}/checkpoints")
-  assert latest.endswith(f"ckpt-{step}")
-  second = multi_worker.run_workers(
-      "official_conadv/testing/trainer_worker.py", args, num_workers=2,
-      timeout=TIMEOUT_S)
-  assert [r.result for r in second] == [{"status": "done", "step": 12}] * 2
-  assert tf.train.latest_checkpoint(
-      f"{model_dir}/checkpoints").endswith("ckpt-12")

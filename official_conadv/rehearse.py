@@ -133,10 +133,11 @@ def checkpoint_steps(model_dir):
                 for p in state.all_model_checkpoint_paths)
 
 
-def checkpoint_tensors(model_dir):
-  """Every tensor of the latest checkpoint except bookkeeping counters."""
+def checkpoint_tensors(model_dir, subdir="checkpoints"):
+  """Every tensor of the latest checkpoint in model_dir/subdir except
+  bookkeeping counters."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+  path = tf.train.latest_checkpoint(os.path.join(model_dir, subdir))
   reader = tf.train.load_checkpoint(path)
   return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
           if "save_counter" not in k and "CHECKPOINTABLE" not in k}

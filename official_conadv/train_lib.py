@@ -6,8 +6,13 @@ flags. Training is cut into loops that end exactly at multiples of
 is one `model.fit` over a finite input window of exactly its steps, read from
 the pipeline's per-epoch seeded order (`input_pipeline`), so
 `steps_per_execution` need not divide anything and the run never overshoots.
+With `adversary.schedule=lookahead` the queue is filled from batches
+0..tau-1 before the first loop, and each loop's window starts tau batches
+later (step t reads batch t + tau, `ConAdvModel.fit(input_is_ahead=True)`).
 At the end of every loop: a checkpoint (model, optimizer, step, BN statistics
-and the stale-weight buffer) in `model_dir/checkpoints`, TensorBoard scalars
+and the stale-weight buffer or lookahead queue; under MultiWorkerMirrored each
+worker's own, as the queue holds its replicas' batches) in
+`model_dir/checkpoints`, TensorBoard scalars
 in `model_dir/{train,eval}` and, in train_and_eval mode, an exact evaluation
 (every validation image scored once: padded, masked batches).
 
@@ -236,6 +241,33 @@ class Preempted(Exception):
   """Raised after the checkpoint of a SIGTERM-stopped run is saved."""
 
 
+def check_workers_agree(strategy, step: int, ckpt_dir: str):
+  """Under a multi-worker strategy every worker restores its own checkpoint
+  (the chief from checkpoints/, the others from their scratch dirs); they
+  must hold the same step, or the workers would train different weights.
+  Raises ValueError on every worker whose step is not the workers' mean."""
+  if not keras_mwms_fix.is_multi_worker(strategy):
+    return
+  value = tf.constant(float(step), tf.float64)
+  total = float(strategy.reduce(
+      tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(value)),
+      axis=None))
+  mean = total / strategy.num_replicas_in_sync
+  if mean != step:
+    raise ValueError(
+        f"Worker {distribute_utils.task_index()} restored step {step} from "
+        f"{ckpt_dir}, but the workers' mean step is {mean:g}: every worker "
+        "must resume from the same step (a worker's scratch checkpoints "
+        "were lost or are older); restore them or use a new --model_dir.")
+
+
+def lookahead_schedule(model) -> bool:
+  """Whether `model` trains with the lookahead schedule (tau >= 1)."""
+  adversary = model.adversary
+  return bool(adversary is not None and adversary.delay and
+              adversary.schedule == conadv_model.LOOKAHEAD)
+
+
 def _all_finite(model) -> bool:
   return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
                              for v in model.trainable_variables]))
@@ -317,6 +349,13 @@ def check_and_write_config(config: configs.ExperimentConfig, model_dir: str,
           f"order ({'; '.join(map(str, soft))}); resuming would change the "
           "learning rate or the batches: rerun with the same settings, or "
           "pass --allow_config_change to continue with the new ones.")
+    a = config.adversary
+    if (a.enabled and a.delay and a.schedule == "lookahead" and
+        any(d.field == "train.global_batch_size" for d in soft)):
+      raise ValueError(
+          "train.global_batch_size cannot change on resume with "
+          "adversary.schedule='lookahead': the checkpoint's queue holds "
+          "batches of the old size; use a new --model_dir.")
     changed = [str(d) for d in soft]
   if write:
     tf.io.gfile.makedirs(model_dir)
@@ -487,6 +526,18 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
            "(keras-team/keras#19246)")
     print(f"train.steps_per_execution={config.train.steps_per_execution} "
           f"runs as 1: {why}.", flush=True)
+  corrupt = input_pipeline.CorruptRecordCounter()  # Training records.
+
+  def _train_input(first, num_steps):
+    """The training batches [first, first + num_steps), distributed."""
+    return input_pipeline.distributed_dataset(
+        strategy, data, split="train", is_training=True,
+        global_batch_size=config.train.global_batch_size,
+        num_classes=config.model.num_classes, seed=config.train.seed,
+        start_step=first, num_steps=num_steps,
+        steps_per_epoch=steps_per_epoch, corrupt_counter=corrupt,
+        augment_pair=config.adversary.enabled)
+
   with strategy.scope():
     model = build_model(config, image_shape, total_steps, steps_per_epoch,
                         jit_compile=jit,
@@ -498,6 +549,18 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
                             str(distribute_utils.task_index()))
   manager = tf.train.CheckpointManager(
       checkpoint, ckpt_dir, max_to_keep=config.train.keep_checkpoints)
+  # Lookahead: step t trains on batch t from the queue and reads batch
+  # t + tau. The queue exists before the restore (so a checkpoint without
+  # this worker's queue does not match); a fresh run fills it with batches
+  # 0..tau-1, a resumed one restores it (each worker its own slots).
+  ahead = model.delay if lookahead_schedule(model) else 0
+  first_batches = None
+  if ahead and mode != "eval":
+    first_batches = _train_input(0, ahead)
+    model.create_lookahead_queue(
+        first_batches.element_spec,
+        per_replica_batch_size=(config.train.global_batch_size //
+                                strategy.num_replicas_in_sync))
   say = print if (verbose and is_chief) else (lambda *a, **k: None)
   restored = restore_latest_good(checkpoint, manager, announce=print)
   if restored:
@@ -505,13 +568,16 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
   elif mode == "eval":
     raise ValueError(f"No checkpoint in {ckpt_dir} to evaluate.")
   step = int(model.optimizer.iterations.numpy())
+  check_workers_agree(strategy, step, ckpt_dir)
+  if ahead and restored and not model.lookahead_queue_filled:
+    raise ValueError(f"Checkpoint {restored} holds no lookahead queue; use "
+                     "the adversary.schedule it was trained with.")
   if changed:
     print(f"Config changed on resume at step {step} (--allow_config_change): "
           f"{'; '.join(changed)}. Learning rate now "
           f"{_learning_rate(model.optimizer, step):.6g}; {total_steps} steps "
           "in all.", flush=True)
 
-  corrupt = input_pipeline.CorruptRecordCounter()  # Training records.
   eval_corrupt = input_pipeline.CorruptRecordCounter()
   eval_ds = None
 
@@ -562,21 +628,18 @@ def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
         f"steps, {steps_per_execution} per execution; "
         f"TensorBoard: tensorboard --logdir={model_dir}", flush=True)
     guard = NonFiniteGuard()
+    if ahead and not model.lookahead_queue_filled:
+      model.fill_lookahead_queue(first_batches)
     with PreemptionWatcher(strategy) as watcher:
       for end in ends:
         begin = int(model.optimizer.iterations.numpy())
-        train_ds = input_pipeline.distributed_dataset(
-            strategy, data, split="train", is_training=True,
-            global_batch_size=config.train.global_batch_size,
-            num_classes=config.model.num_classes, seed=config.train.seed,
-            start_step=begin, num_steps=end - begin,
-            steps_per_epoch=steps_per_epoch, corrupt_counter=corrupt,
-            augment_pair=model.adversary is not None)
         timer = TrainTimer()
         history = model.fit(
-            train_ds, epochs=1, steps_per_epoch=end - begin,
+            _train_input(begin + ahead, end - begin), epochs=1,
+            steps_per_epoch=end - begin,
             callbacks=[guard, timer, watcher] + list(callbacks),
-            verbose=verbose, shuffle=False)
+            verbose=verbose, shuffle=False,
+            **({"input_is_ahead": True} if ahead else {}))
         step = int(model.optimizer.iterations.numpy())
         if guard.bad_step is not None:
           raise TrainingError(

@@ -220,6 +220,73 @@ def test_sigterm_saves_mid_loop_and_resume_equals_uninterrupted(tmp_path):
   assert len([k for k in values if "stale_buffer" in k]) >= 2
 
 
+def _backbone_and_optimizer(values):
+  return {k: v for k, v in values.items()
+          if "backbone_weights" in k or k.startswith("optimizer/")}
+
+
+def test_lookahead_trainer_equals_delayed_and_resumes_mid_queue(tmp_path):
+  """adversary.schedule=lookahead in the trainer (tau 2, loops of 4 over
+  9 steps): the same weights and optimizer state as the delayed schedule,
+  bit for bit; SIGTERM after step 6 (saved at step 7, mid-loop: the queue
+  then holds batches 7 and 8, slot 1 next) and a rerun end with the
+  uninterrupted run's checkpoint, queue included."""
+  base = ("train.train_steps=9,train.steps_per_loop=4,"
+          "train.steps_per_execution=1,adversary.delay=2")
+  runs = {}
+  for schedule in ("delayed", "lookahead"):
+    runs[schedule] = str(tmp_path / schedule)
+    train_lib.run(_smoke(f"{base},adversary.schedule={schedule}"),
+                  runs[schedule], mode="train", verbose=0, export=False)
+  delayed = _checkpoint_values(runs["delayed"])
+  lookahead = _checkpoint_values(runs["lookahead"])
+  assert len([k for k in lookahead if "lookahead_queue.S" in k]) == 6
+  assert not [k for k in lookahead if "stale_buffer" in k]
+  want = _backbone_and_optimizer(delayed)
+  got = _backbone_and_optimizer(lookahead)
+  assert set(want) == set(got) and len(want) > 10
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+  config = _smoke(f"{base},adversary.schedule=lookahead")
+  resumed = str(tmp_path / "resumed")
+  with pytest.raises(train_lib.Preempted, match="step 7"):
+    train_lib.run(config, resumed, mode="train", verbose=0, export=False,
+                  callbacks=[SigtermAt(6)])
+  assert _checkpoint_steps(resumed) == [4, 7]
+  assert train_lib.run(config, resumed, mode="train", verbose=0,
+                       export=False)["step"] == 9
+  got = _checkpoint_values(resumed)
+  assert set(got) == set(lookahead)
+  for k in lookahead:
+    np.testing.assert_array_equal(got[k], lookahead[k], err_msg=k)
+
+
+def test_lookahead_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
+  """A delayed run's checkpoint resumed as lookahead (no queue) and a
+  lookahead run resumed with another global batch (the queue holds the old
+  size) are refused in one line, before a step runs."""
+  base = "train.train_steps=4,train.steps_per_loop=2,adversary.delay=1"
+  model_dir = str(tmp_path / "run")
+  train_lib.run(_smoke(f"{base},train.train_steps=2"), model_dir,
+                mode="train", verbose=0, export=False)
+  with pytest.raises(ValueError, match="incompatible config.*schedule"):
+    train_lib.run(_smoke(f"{base},adversary.schedule=lookahead"), model_dir,
+                  mode="train", verbose=0, export=False)
+  model_dir = str(tmp_path / "lookahead")
+  train_lib.run(_smoke(f"{base},train.train_steps=2,"
+                       "adversary.schedule=lookahead"), model_dir,
+                mode="train", verbose=0, export=False)
+  before = open(os.path.join(model_dir, train_lib.CONFIG_FILE)).read()
+  with pytest.raises(ValueError, match="queue holds batches of the old size"):
+    train_lib.run(_smoke(f"{base},adversary.schedule=lookahead,"
+                         "train.global_batch_size=16"), model_dir,
+                  mode="train", verbose=0, export=False,
+                  allow_config_change=True)
+  assert _checkpoint_steps(model_dir) == [2]
+  assert open(os.path.join(model_dir, train_lib.CONFIG_FILE)).read() == before
+
+
 def test_cli_sigterm_exits_143_with_one_line_and_resumes(tmp_path):
   model_dir = tmp_path / "run"
   args = ["--experiment=mnist_smoke", f"--model_dir={model_dir}",

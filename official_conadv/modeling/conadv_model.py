@@ -34,14 +34,19 @@ theta_t (seeded with t + tau, exactly as the delayed schedule seeds batch
 t + tau), pops slot t mod tau of a per-replica queue, i.e. (x_t, x_adv_t,
 y_t) pushed tau steps earlier, pushes the new triple into the same slot,
 and trains on the popped one. The first `fit` fills the queue from batches
-0..tau-1 with theta_0 (seeds 0..tau-1), compiled like the train step. The
+0..tau-1 with theta_0 (seeds 0..tau-1), compiled like the train step
+(`fill_lookahead_queue`; the CLI trainer calls it, then feeds every loop's
+input from step + tau with `fit(..., input_is_ahead=True)`). The
 attack and the update of a step then both depend only on theta_t. Same data
 order => the same weights as the delayed schedule (lookahead_test.py, bit
 for bit). The queue variables are `on_read` per replica, made once the batch
 shape is known, not Keras weights of the model; `tf.train.Checkpoint`
 saves every replica's copy and restores them, also into a model built
-after the restore. Not supported yet: dict (+AA) inputs, sample weights,
-gradient accumulation, multi-worker strategies (refused in one line).
+after the restore. Under MultiWorkerMirrored the slots are named by global
+replica index, so each worker saves and restores its own (a worker that
+restores a filled queue without its slots is refused in one line). Not
+supported yet: dict (+AA) inputs, sample weights, gradient accumulation
+(refused in one line).
 
 Staleness counts optimizer updates, not batches. With an optimizer built
 with Keras' `gradient_accumulation_steps=N` one update takes N micro-batches
@@ -262,7 +267,7 @@ class ConAdvModel(keras.Model):
     self.augmented_route = augmented_route
     self._stale_buffer = []  # tau * num_trainable Keras variables.
     # Lookahead: tau slots of (x, x_adv, y) per replica, made by the first
-    # `fit` (`_prefill_lookahead`) once the batch shape is known, and
+    # `fit` (`fill_lookahead_queue`) once the batch shape is known, and
     # whether they hold examples. The slots are not Keras weights of the
     # model (they exist only after training started, so a model rebuilt from
     # its config could not load them); checkpoints carry them
@@ -347,6 +352,9 @@ class ConAdvModel(keras.Model):
         self._queue_ready = keras.Variable(
             initializer="zeros", shape=(), dtype="int32", trainable=False,
             aggregation="only_first_replica", name="lookahead_queue_ready")
+      # Restored before it existed (a checkpoint of an unbuilt model).
+      self._handle_deferred_dependencies(name="lookahead_queue_ready",
+                                         trackable=self._queue_ready)
     if self._uses_stale_buffer:
       # ON_READ + ONLY_FIRST_REPLICA: every replica keeps and writes its own
       # copy (all replicas write the same theta_t), so the writes need no
@@ -686,12 +694,13 @@ class ConAdvModel(keras.Model):
       self._push(slot_index, (x, x_adv_new, y))
     return x_t, x_adv_t, y_t
 
-  def _create_queue(self, element_spec):
-    """Makes the queue, in the strategy scope, for the per-replica share of
-    batches with `element_spec` ((images, labels) of the global batch), and
-    restores it if a checkpoint restored before it existed holds it."""
+  def _create_queue(self, element_spec, per_replica=False):
+    """Makes the queue, in the strategy scope, for batches with
+    `element_spec` ((images, labels) of the global batch, or of one
+    replica's batch with `per_replica`), and restores it if a checkpoint
+    restored before it existed holds it."""
     strategy = self.distribute_strategy
-    replicas = strategy.num_replicas_in_sync
+    replicas = 1 if per_replica else strategy.num_replicas_in_sync
     x_spec, y_spec, _ = keras.utils.unpack_x_y_sample_weight(element_spec)
     if not (isinstance(x_spec, tf.TensorSpec) and
             isinstance(y_spec, tf.TensorSpec)):
@@ -703,7 +712,9 @@ class ConAdvModel(keras.Model):
       raise ValueError(
           "schedule='lookahead' keeps batches in variables and needs a fixed "
           f"global batch divisible by the {replicas} replica(s), got "
-          f"{x_spec.shape}; batch with drop_remainder=True.")
+          f"{x_spec.shape}; batch with drop_remainder=True (or, for a "
+          "distributed dataset, call create_lookahead_queue with "
+          "per_replica_batch_size).")
     local = batch // replicas
     shapes = {"x": (local,) + tuple(x_spec.shape[1:]),
               "y": (local,) + tuple(y_spec.shape[1:])}
@@ -718,30 +729,56 @@ class ConAdvModel(keras.Model):
               synchronization="on_read",
               name=f"lookahead_slot{slot}_{part}"))
     self._queue_holder.variables = queue
+    restored_full = (self._queue_ready is not None and
+                     bool(int(self._queue_ready.numpy())))
     for name, component in self._queue_components():
       # A tf.train.Checkpoint restored into this model before the queue
       # existed keeps its values as deferred dependencies: restore them now.
+      if restored_full and name not in self._deferred_dependencies:
+        self._queue_holder.variables = []
+        raise ValueError(
+            "The checkpoint restored into this model marks the lookahead "
+            f"queue as filled but holds no {name!r} (this worker's slots): "
+            "under MultiWorkerMirrored every worker must save and restore "
+            "its own checkpoint (the trainer does).")
       self._handle_deferred_dependencies(name=name, trackable=component)
 
   def _queue_components(self):
     """(checkpoint name, variable) of every replica's copy of every queue
     slot. Each replica holds its own batch, so each copy is saved (a
-    synchronized variable would save the first replica's only)."""
+    synchronized variable would save the first replica's only), named by
+    its global replica index: under MultiWorkerMirrored each worker saves
+    (and must restore) its own replicas' slots."""
     out = []
+    first = None
     for i, v in enumerate(self._queue):
       value = v.value
       components = getattr(value, "values", None) or (value,)
+      if first is None:
+        first = _worker_index(self.distribute_strategy) * len(components)
       for r, component in enumerate(components):
-        out.append((f"lookahead_queue/{i}/replica{r}", component))
+        out.append((f"lookahead_queue/{i}/replica{first + r}", component))
     return out
 
-  def _prefill_lookahead(self, dataset):
-    """Fills slots 0..tau-1 with the first tau batches of `dataset` and
+  def fill_lookahead_queue(self, batches):
+    """Fills slots 0..tau-1 with the first tau batches of `batches` and
     their examples from the current weights (theta_0 before training;
-    seeds 0..tau-1, as the delayed schedule's first tau steps)."""
+    seeds 0..tau-1, as the delayed schedule's first tau steps).
+
+    `fit` calls this itself on its first call. Call it directly only to
+    feed `fit(..., input_is_ahead=True)` (the CLI trainer does): `batches`
+    is then the start of the stream (batches 0, 1, ...), as a batched
+    `tf.data.Dataset` of global batches or a distributed dataset of
+    per-replica ones (`strategy.distribute_datasets_from_function`).
+    """
+    if not self._lookahead:
+      raise ValueError("fill_lookahead_queue is for schedule='lookahead' "
+                       "with tau >= 1.")
     strategy = self.distribute_strategy
     tau = self.delay
-    batches = strategy.experimental_distribute_dataset(dataset.take(tau))
+    self._ensure_queue(batches)
+    if isinstance(batches, tf.data.Dataset):
+      batches = strategy.experimental_distribute_dataset(batches.take(tau))
 
     # The attack compiled as the train step is (XLA draws other random
     # numbers than plain TF on CPU), per replica as Keras does.
@@ -758,6 +795,8 @@ class ConAdvModel(keras.Model):
 
     filled = 0
     for batch in batches:
+      if filled == tau:
+        break
       x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
       self._check_lookahead_input(x, sample_weight)
       fill(x, y, tf.constant(filled, tf.int64))
@@ -767,30 +806,83 @@ class ConAdvModel(keras.Model):
                        f"batches, the dataset has {filled}.")
     self._queue_ready.assign(1)
 
-  def fit(self, x=None, y=None, *args, **kwargs):
+  def _ensure_queue(self, x):
+    """Builds the model (the build Keras' fit would do) and makes the queue
+    for the batches of `x` (a batched tf.data.Dataset of global batches or
+    a distributed dataset of per-replica ones), if not done yet."""
+    if isinstance(x, tf.data.Dataset):
+      self._maybe_symbolic_build(data_batch=x.element_spec)
+      if not self._queue:
+        self._create_queue(x.element_spec)
+    else:
+      self.create_lookahead_queue(x.element_spec)
+
+  def create_lookahead_queue(self, element_spec, per_replica_batch_size=None):
+    """Builds the model and makes the lookahead queue for one replica's
+    batches, if not done yet (`fit` and `fill_lookahead_queue` do it
+    themselves when the batch size is static).
+
+    Args:
+      element_spec: (images, labels) `tf.TensorSpec`s of one replica's batch,
+        or a distributed dataset's `element_spec` (`PerReplicaSpec` leaves:
+        the first replica's is used).
+      per_replica_batch_size: fills an unknown batch dimension: a
+        multi-worker distributed dataset does not know it statically.
+
+    Making the queue before a checkpoint is restored restores it directly
+    (the CLI trainer does); made later, it is restored when it is made.
+    """
+    spec = _first_replica_spec(element_spec)
+    if per_replica_batch_size:
+      spec = tf.nest.map_structure(
+          lambda s: tf.TensorSpec((per_replica_batch_size,) +
+                                  tuple(s.shape[1:]), s.dtype), spec)
+    self._maybe_symbolic_build(data_batch=spec)
+    if not self._queue:
+      self._create_queue(spec, per_replica=True)
+
+  @property
+  def lookahead_queue_filled(self):
+    """Whether the lookahead queue holds examples (filled, or restored)."""
+    return (self._queue_ready is not None and
+            bool(int(self._queue_ready.numpy())))
+
+  def fit(self, x=None, y=None, *args, input_is_ahead=False, **kwargs):
     """`keras.Model.fit`; with schedule='lookahead', `x` must be a batched
     `tf.data.Dataset` (fixed batch size), which this feeds tau batches
     ahead (module docstring): the same dataset, epochs and steps as the
-    delayed schedule train on the same batches."""
+    delayed schedule train on the same batches.
+
+    `input_is_ahead=True` (lookahead only): `x` (a dataset or a distributed
+    dataset) already yields batch t + tau at step t, and the queue already
+    holds batches t..t+tau-1 (`fill_lookahead_queue`, or restored with the
+    step count from a checkpoint). The CLI trainer feeds it so, starting
+    its input pipeline at `start_step + tau`.
+    """
     if not self._lookahead:
+      if input_is_ahead:
+        raise ValueError("input_is_ahead=True is for schedule='lookahead' "
+                         "with tau >= 1.")
       return super().fit(x, y, *args, **kwargs)
-    if not isinstance(x, tf.data.Dataset) or y is not None:
+    if y is not None or not (isinstance(x, tf.data.Dataset) or
+                             (input_is_ahead and isinstance(
+                                 x, tf.distribute.DistributedDataset))):
       raise ValueError(
           "schedule='lookahead' trains from a batched tf.data.Dataset of "
-          "(images, labels) (drop_remainder=True); got "
-          f"{type(x).__name__}.")
-    if keras_mwms_fix.is_multi_worker(self.distribute_strategy):
-      raise ValueError(
-          "schedule='lookahead' does not run under a multi-worker "
-          "MultiWorkerMirroredStrategy yet: each worker's queue would need "
-          "its own checkpoint. Use schedule='delayed'.")
+          "(images, labels) (drop_remainder=True)"
+          + (" or a distributed one" if input_is_ahead else "") +
+          f"; got {type(x).__name__}.")
+    self._ensure_queue(x)
+    if input_is_ahead:
+      if not self.lookahead_queue_filled:
+        raise ValueError(
+            "fit(..., input_is_ahead=True) needs a filled lookahead queue: "
+            "call fill_lookahead_queue with the first tau batches, or "
+            "restore a checkpoint of a lookahead run.")
+      return super().fit(x, None, *args, **kwargs)
     tau = self.delay
-    # The build Keras' fit would do, before the queue needs the variables.
-    self._maybe_symbolic_build(data_batch=x.element_spec)
-    if not self._queue:
-      self._create_queue(x.element_spec)
-    if not int(self._queue_ready.numpy()):
-      self._prefill_lookahead(x)
+    if not self.lookahead_queue_filled:
+      self.fill_lookahead_queue(x)
     # Step t reads batch t + tau: the stream starts tau batches in, and its
     # last tau batches (whose examples the next fit uses) are the first tau
     # of the next pass over `x`, which the queue then holds.
@@ -1037,6 +1129,16 @@ def _element_spec(epoch_iterator):
     spec = adapter.get_tf_dataset().element_spec
   except (AttributeError, NotImplementedError, TypeError, ValueError):
     return None
+  try:
+    return _first_replica_spec(spec)
+  except TypeError:
+    return None
+
+
+def _first_replica_spec(spec):
+  """`spec` with every `PerReplicaSpec` replaced by its first replica's
+  `tf.TensorSpec` (the spec of one replica's batch); TypeError for other
+  leaves."""
 
   def one(leaf):
     if isinstance(leaf, tf.TensorSpec):
@@ -1046,10 +1148,20 @@ def _element_spec(epoch_iterator):
       return values[0]
     raise TypeError(f"not a tensor spec: {leaf!r}")
 
-  try:
-    return tf.nest.map_structure(one, spec)
-  except TypeError:
-    return None
+  return tf.nest.map_structure(one, spec)
+
+
+def _worker_index(strategy):
+  """This worker's index among a multi-worker strategy's workers (chief
+  first), 0 for single-worker strategies."""
+  if not keras_mwms_fix.is_multi_worker(strategy):
+    return 0
+  resolver = strategy.cluster_resolver
+  jobs = resolver.cluster_spec().as_dict()
+  index = int(resolver.task_id)
+  if "chief" in jobs:
+    return 0 if resolver.task_type == "chief" else index + 1
+  return index
 
 
 class _Untracked:

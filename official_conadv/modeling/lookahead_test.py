@@ -149,16 +149,83 @@ def test_fit_calls_and_restore_continue_exactly(strategy_name, tau,
   assert _max_difference(_weights(want), _weights(restored)) == 0
 
 
-def test_lookahead_refuses_multi_worker(monkeypatch):
-  """A multi-worker strategy is refused in one line before anything runs:
-  only the chief's replicas would be in a checkpoint of the queue."""
-  x, y = cmt._data(2)  # pylint: disable=protected-access
+def _per_replica_stream(strategy, x, y, start, steps):
+  """Global batches start..start+steps-1 of `_dataset(x, y)` (wrapping
+  around like `repeat`) as `distribute_datasets_from_function` gives them to
+  the trainer: each replica's share in order."""
+  local = 8 // strategy.num_replicas_in_sync
+  order = [(start + t) % STEPS for t in range(steps)]
+  xs = np.concatenate([x[8 * b:8 * b + 8] for b in order])
+  ys = np.concatenate([y[8 * b:8 * b + 8] for b in order])
+  return strategy.distribute_datasets_from_function(
+      lambda ctx: tf.data.Dataset.from_tensor_slices((xs, ys)).batch(
+          local, drop_remainder=True))
+
+
+@pytest.mark.parametrize("strategy_name", ["default", "mirrored"])
+def test_stream_fed_ahead_equals_fit(strategy_name):
+  """The trainer's way: `fill_lookahead_queue` with batches 0..tau-1, then
+  loops of `fit(stream from begin + tau, input_is_ahead=True)` over
+  distributed datasets, split 3 + 6 + 5 steps: the same weights as one
+  `fit` of the dataset for 2 epochs (tau 2, loops cross the epoch)."""
+  tau = 2
+  x, y = cmt._data(STEPS)  # pylint: disable=protected-access
+  want = _model(strategy_name, tau, "lookahead")
+  want.fit(_dataset(x, y), epochs=2, verbose=0)
+  model = _model(strategy_name, tau, "lookahead")
+  strategy = model.distribute_strategy
+  assert not model.lookahead_queue_filled
+  model.fill_lookahead_queue(_per_replica_stream(strategy, x, y, 0, tau))
+  assert model.lookahead_queue_filled
+  for begin, end in ((0, 3), (3, 9), (9, 14)):
+    model.fit(_per_replica_stream(strategy, x, y, begin + tau, end - begin),
+              steps_per_epoch=end - begin, verbose=0, input_is_ahead=True)
+    assert int(model.optimizer.iterations.numpy()) == end
+  assert _max_difference(_weights(want), _weights(model)) == 0
+
+
+def test_input_is_ahead_errors():
+  x, y = cmt._data(STEPS)  # pylint: disable=protected-access
   model = _model("default", 1, "lookahead")
-  monkeypatch.setattr(conadv_model.keras_mwms_fix, "is_multi_worker",
-                      lambda strategy: True)
-  with pytest.raises(ValueError, match="multi-worker"):
-    model.fit(_dataset(x, y), verbose=0)
-  assert not model.built
+  with pytest.raises(ValueError, match="needs a filled lookahead queue"):
+    model.fit(_dataset(x, y), verbose=0, input_is_ahead=True)
+  assert int(model.optimizer.iterations.numpy()) == 0
+  delayed = _model("default", 1, "delayed")
+  with pytest.raises(ValueError, match="input_is_ahead=True is for"):
+    delayed.fit(_dataset(x, y), verbose=0, input_is_ahead=True)
+  with pytest.raises(ValueError, match="fill_lookahead_queue is for"):
+    delayed.fill_lookahead_queue(_dataset(x, y))
+  with pytest.raises(ValueError, match="needs at least tau=2"):
+    _model("default", 2, "lookahead").fill_lookahead_queue(
+        _dataset(x, y).take(1))
+
+
+def test_restore_without_this_workers_slots_is_refused(monkeypatch,
+                                                       tmp_path):
+  """Under MultiWorkerMirrored each worker saves its own replicas' queue
+  slots (named by global replica index). Restoring a checkpoint that marks
+  the queue filled but holds none of this worker's slots (another worker's
+  checkpoint) must fail in one line, not train on zeros."""
+  x, y = cmt._data(STEPS)  # pylint: disable=protected-access
+  saved = _model("default", 1, "lookahead")
+  saved.fit(_dataset(x, y), epochs=1, verbose=0)
+  names = [name for name, _ in saved._queue_components()]  # pylint: disable=protected-access
+  assert names == [f"lookahead_queue/{i}/replica0" for i in range(3)]
+  path = tf.train.Checkpoint(model=saved).save(str(tmp_path / "ckpt"))
+
+  monkeypatch.setattr(conadv_model, "_worker_index", lambda strategy: 1)
+  other = _model("default", 1, "lookahead")
+  other.build((None,) + cmt.SHAPE)
+  tf.train.Checkpoint(model=other).restore(path).expect_partial()
+  assert other.lookahead_queue_filled
+  with pytest.raises(ValueError, match="replica1.*its own checkpoint"):
+    other.fit(_dataset(x, y), verbose=0)
+  assert int(other.optimizer.iterations.numpy()) == STEPS  # No step ran.
+  monkeypatch.setattr(conadv_model, "_worker_index", lambda strategy: 0)
+  same = _model("default", 1, "lookahead")
+  same.build((None,) + cmt.SHAPE)
+  tf.train.Checkpoint(model=same).restore(path).expect_partial()
+  same.fit(_dataset(x, y), epochs=1, verbose=0)  # Its own slots: fine.
 
 
 def test_lookahead_input_errors():

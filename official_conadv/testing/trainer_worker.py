@@ -1,6 +1,6 @@
 """The trainer (`train_lib.run`) as one worker of a MultiWorkerMirrored run.
 
-Run by `official_conadv/multi_worker_test.py` through
+Run by `official_conadv/multi_worker_lookahead_test.py` through
 `multi_worker.run_workers` (TF_CONFIG set per process). Every worker trains
 the offline `mnist_smoke` experiment, shrunk by `--params_override`, under
 `distribute_utils.get_strategy("multi_worker_mirrored")`, with model_dir
