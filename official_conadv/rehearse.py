@@ -23,6 +23,11 @@ Per row it checks, and fails loudly otherwise:
      the same weights, BN statistics, optimizer slots and stale-weight buffer
      as the uninterrupted run (largest difference reported; must be 0 up to
      float32 rounding).
+  4. `<row>+lookahead` (every ConAdv row without AutoAugment, run after the
+     rows): the same row with `adversary.schedule=lookahead` (Algorithm 1's
+     queue instead of stale weights) passes 1-3, and its final weights and
+     optimizer state equal the delayed row's (largest difference reported;
+     must be 0 up to float32 rounding).
 It writes one JSON line per row and a table to `--output`.
 """
 
@@ -60,6 +65,7 @@ TOY_EVAL_BATCH = 8
 TOY_EVAL_SHARDS = (9, 2, 6)   # 17 validation images in uneven shards.
 TOY_IMAGE = 32
 TOY_EXTRA_TRAIN = 3    # Train images beyond whole batches (like ImageNet's).
+LOOKAHEAD = "+lookahead"  # Row suffix: the row with adversary.schedule=lookahead.
 
 
 def toy_loop_shape(steps_per_loop: int, steps_per_execution: int,
@@ -85,7 +91,8 @@ def toy_config(row: str, data_dir: str):
   """The row's config shrunk to toy scale (see the module docstring)."""
   import experiments  # pylint: disable=g-import-not-at-top
   from official_conadv import configs  # pylint: disable=g-import-not-at-top
-  c = experiments.get(row)
+  base, lookahead = split_row(row)
+  c = experiments.get(base)
   loop, execution, total = toy_loop_shape(c.train.steps_per_loop,
                                           c.train.steps_per_execution,
                                           c.total_steps(
@@ -103,8 +110,24 @@ def toy_config(row: str, data_dir: str):
       "train.steps_per_execution": execution,
       "runtime.strategy": "default",
   }
+  if lookahead:
+    overrides["adversary.schedule"] = "lookahead"
   return configs.override(c, ",".join(f"{k}={v}"
                                       for k, v in overrides.items()))
+
+
+def split_row(row: str):
+  """("imagenet_resnet50_conadv_96k", True) for "..._96k+lookahead"."""
+  if row.endswith(LOOKAHEAD):
+    return row[:-len(LOOKAHEAD)], True
+  return row, False
+
+
+def weights_and_optimizer(tensors):
+  """The backbone weights and optimizer variables of `checkpoint_tensors`
+  (what the two schedules share; their queue / ring buffer differ)."""
+  return {k: v for k, v in tensors.items()
+          if "backbone_weights" in k or k.startswith("optimizer/")}
 
 
 def write_toy_data(data_dir: str, num_train: int):
@@ -222,6 +245,15 @@ def rehearse_row(row, work_dir, strategy, resume_check=True, log=print):
     if resumed["step"] != total or diff > 1e-6:
       problems.append(f"resume: final step {resumed['step']}, largest "
                       f"difference from the uninterrupted run {diff:.3g}")
+  base, lookahead = split_row(row)
+  delayed_dir = os.path.join(work_dir, "runs", base, "full")
+  if lookahead and checkpoint_steps(delayed_dir):
+    diff = max_difference(
+        weights_and_optimizer(checkpoint_tensors(delayed_dir)),
+        weights_and_optimizer(checkpoint_tensors(full_dir)))
+    result["vs_delayed_max_abs_difference"] = diff
+    if diff > 1e-6:
+      problems.append(f"lookahead differs from the delayed row by {diff:.3g}")
   result["problems"] = problems
   log(json.dumps(result), flush=True)
   return result
@@ -230,6 +262,8 @@ def rehearse_row(row, work_dir, strategy, resume_check=True, log=print):
 def rows_to_run(spec: str):
   import experiments  # pylint: disable=g-import-not-at-top
   every = [n for n in experiments.names() if n.startswith("imagenet_resnet50_")]
+  every += [n + LOOKAHEAD for n in every
+            if "_conadv_" in n and "_conadv_aa_" not in n]
   if spec == "all":
     return every
   rows = [r.strip() for r in spec.split(",") if r.strip()]
@@ -273,14 +307,16 @@ def main(argv):
     json.dump({"rows": results, "replicas": strategy.num_replicas_in_sync,
                "wall_seconds": round(time.perf_counter() - start, 1)}, f,
               indent=1)
-  print(f"{'row':38} {'loop/exec/total':>15} {'step':>5} {'examples':>8} "
-        f"{'resume diff':>11}  problems")
+  print(f"{'row':48} {'loop/exec/total':>15} {'step':>5} {'examples':>8} "
+        f"{'resume diff':>11} {'vs delayed':>10}  problems")
   for r in results:
     shape = f"{r['loop']}/{r['steps_per_execution']}/{r['total_steps']}"
     diff = r.get("resume_max_abs_difference")
-    print(f"{r['row']:38} {shape:>15} {r['final_step']:>5} "
+    vs = r.get("vs_delayed_max_abs_difference")
+    print(f"{r['row']:48} {shape:>15} {r['final_step']:>5} "
           f"{r['eval_examples']:>8} "
-          f"{'-' if diff is None else format(diff, '.2g'):>11}  "
+          f"{'-' if diff is None else format(diff, '.2g'):>11} "
+          f"{'-' if vs is None else format(vs, '.2g'):>10}  "
           f"{'; '.join(r['problems']) or 'none'}")
   print(f"REHEARSAL {'FAILED' if failed else 'PASSED'}: {len(results)} rows, "
         f"{len(failed)} with problems, "

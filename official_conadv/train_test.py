@@ -230,7 +230,8 @@ def test_lookahead_trainer_equals_delayed_and_resumes_mid_queue(tmp_path):
   9 steps): the same weights and optimizer state as the delayed schedule,
   bit for bit; SIGTERM after step 6 (saved at step 7, mid-loop: the queue
   then holds batches 7 and 8, slot 1 next) and a rerun end with the
-  uninterrupted run's checkpoint, queue included."""
+  uninterrupted run's checkpoint, queue included. Resumes it cannot
+  continue are refused."""
   base = ("train.train_steps=9,train.steps_per_loop=4,"
           "train.steps_per_execution=1,adversary.delay=2")
   runs = {}
@@ -261,30 +262,21 @@ def test_lookahead_trainer_equals_delayed_and_resumes_mid_queue(tmp_path):
   for k in lookahead:
     np.testing.assert_array_equal(got[k], lookahead[k], err_msg=k)
 
-
-def test_lookahead_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
-  """A delayed run's checkpoint resumed as lookahead (no queue) and a
-  lookahead run resumed with another global batch (the queue holds the old
-  size) are refused in one line, before a step runs."""
-  base = "train.train_steps=4,train.steps_per_loop=2,adversary.delay=1"
-  model_dir = str(tmp_path / "run")
-  train_lib.run(_smoke(f"{base},train.train_steps=2"), model_dir,
-                mode="train", verbose=0, export=False)
+  # What a lookahead resume cannot continue is refused in one line before
+  # anything is written: the delayed run's model_dir (no queue), and another
+  # global batch (the queue holds batches of the old size).
   with pytest.raises(ValueError, match="incompatible config.*schedule"):
-    train_lib.run(_smoke(f"{base},adversary.schedule=lookahead"), model_dir,
-                  mode="train", verbose=0, export=False)
-  model_dir = str(tmp_path / "lookahead")
-  train_lib.run(_smoke(f"{base},train.train_steps=2,"
-                       "adversary.schedule=lookahead"), model_dir,
-                mode="train", verbose=0, export=False)
-  before = open(os.path.join(model_dir, train_lib.CONFIG_FILE)).read()
+    train_lib.run(_smoke(f"{base},adversary.schedule=lookahead"),
+                  runs["delayed"], mode="train", verbose=0, export=False)
+  config_file = os.path.join(resumed, train_lib.CONFIG_FILE)
+  before = open(config_file).read()
   with pytest.raises(ValueError, match="queue holds batches of the old size"):
     train_lib.run(_smoke(f"{base},adversary.schedule=lookahead,"
-                         "train.global_batch_size=16"), model_dir,
-                  mode="train", verbose=0, export=False,
+                         "train.global_batch_size=16,train.train_steps=12"),
+                  resumed, mode="train", verbose=0, export=False,
                   allow_config_change=True)
-  assert _checkpoint_steps(model_dir) == [2]
-  assert open(os.path.join(model_dir, train_lib.CONFIG_FILE)).read() == before
+  assert _checkpoint_steps(resumed) == [7, 8, 9]
+  assert open(config_file).read() == before
 
 
 def test_cli_sigterm_exits_143_with_one_line_and_resumes(tmp_path):
