@@ -58,10 +58,10 @@ ADVERSARY = conadv_model.AdversaryConfig(
 
 
 # ------------------------------------------------------------ shared problem
-def data():
-  """x float32 [NUM_STEPS * GLOBAL_BATCH, 8, 8, 3] in [0, 1], y int32."""
+def data(num_steps=NUM_STEPS):
+  """x float32 [num_steps * GLOBAL_BATCH, 8, 8, 3] in [0, 1], y int32."""
   rng = np.random.default_rng(0)
-  n = NUM_STEPS * GLOBAL_BATCH
+  n = num_steps * GLOBAL_BATCH
   x = rng.uniform(0.0, 1.0, (n,) + SHAPE).astype("float32")
   y = rng.integers(0, NUM_CLASSES, n).astype("int32")
   return x, y
@@ -82,10 +82,15 @@ def build_model():
 
 
 def initialize(model):
+  """Fixed, process-independent initial weights of `model.backbone`."""
+  initialize_weights(model.backbone.weights)
+
+
+def initialize_weights(weights):
   """Fixed, process-independent initial weights (kernels from numpy; BN
   gamma/beta/statistics and biases keep their constant initializers)."""
   rng = np.random.default_rng(1)
-  for v in model.backbone.weights:
+  for v in weights:
     if len(v.shape) >= 2:
       fan_in = int(np.prod(v.shape[:-1]))
       v.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), v.shape)

@@ -10,7 +10,8 @@ module for the one-process reference, so both sides train the same problem:
   * `NUM_STEPS` (>= 2 * tau + 3 for tau <= 2) global batches of
     `GLOBAL_BATCH` pseudo-random examples, one `model.fit` of the batched
     `tf.data.Dataset` (Keras splits every global batch between the workers);
-  * fixed initial weights (`initialize`, numpy), the same in every process.
+  * fixed initial weights (`conadv_worker.initialize_weights`, numpy), the
+    same in every process; the data of `conadv_worker.data`.
 
 For every tau in `--taus` the worker trains three models, each written to
 `--out` with "{run}" replaced by `tau{tau}_{schedule}_{init}`:
@@ -41,10 +42,11 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from official_conadv.modeling import conadv_model  # pylint: disable=g-import-not-at-top
 from official_conadv.modeling import small_cnn  # pylint: disable=g-import-not-at-top
+from official_conadv.testing import conadv_worker as shared  # pylint: disable=g-import-not-at-top
 
-NUM_CLASSES = 5
-SHAPE = (8, 8, 3)
-GLOBAL_BATCH = 16
+NUM_CLASSES = shared.NUM_CLASSES
+SHAPE = shared.SHAPE
+GLOBAL_BATCH = shared.GLOBAL_BATCH
 NUM_STEPS = 7
 LR = 0.1
 ADVERSARY = conadv_model.AdversaryConfig(
@@ -63,11 +65,7 @@ def adversary(tau, schedule, random_init):
 
 def data():
   """x float32 [NUM_STEPS * GLOBAL_BATCH, 8, 8, 3] in [0, 1], y int32."""
-  rng = np.random.default_rng(0)
-  n = NUM_STEPS * GLOBAL_BATCH
-  x = rng.uniform(0.0, 1.0, (n,) + SHAPE).astype("float32")
-  y = rng.integers(0, NUM_CLASSES, n).astype("int32")
-  return x, y
+  return shared.data(NUM_STEPS)
 
 
 def dataset():
@@ -86,19 +84,8 @@ def backbone():
   model = small_cnn.SmallCNN(num_classes=NUM_CLASSES, filters=(4, 8),
                              synchronized_bn=True)
   model(tf.zeros((1,) + SHAPE), training=False)
-  initialize(model)
+  shared.initialize_weights(model.weights)
   return model
-
-
-def initialize(model):
-  """Fixed, process-independent initial weights (kernels from numpy; BN
-  parameters, statistics and biases keep their constant initializers)."""
-  rng = np.random.default_rng(1)
-  for v in model.weights:
-    if len(v.shape) >= 2:
-      fan_in = int(np.prod(v.shape[:-1]))
-      v.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), v.shape)
-               .astype("float32"))
 
 
 def build_model(tau, schedule, random_init):
