@@ -15,8 +15,11 @@
    other worker to its scratch dir: each queue holds its own replica's
    half). A relaunch of the same command ends with exactly the
    checkpoints of an uninterrupted 2-worker run: every tensor, both
-   workers' queues included.
+   workers' queues included. With worker 1's checkpoints then deleted, a
+   relaunch is refused on both workers (they would restore different steps).
 """
+
+import shutil
 
 import numpy as np
 import pytest
@@ -146,3 +149,14 @@ def test_trainer_sigterm_mid_queue_resumes_exactly(tmp_path):
   assert x_chief.shape == x_other.shape and not np.array_equal(x_chief,
                                                                x_other)
   assert tf.train.latest_checkpoint(f"{full}/checkpoints").endswith("ckpt-9")
+
+  # Worker 1's scratch checkpoints lost: it would start from step 0 with an
+  # empty queue while the chief restores step 9. Both refuse in one line.
+  shutil.rmtree(f"{resumed}/tmp_worker_checkpoints/1")
+  lost = multi_worker.run_workers(script, args, num_workers=2,
+                                  timeout=TIMEOUT_S, check=False)
+  for r in lost:
+    assert r.returncode != 0 and r.result is None, r.stdout[-2000:]
+    assert "must resume from the same step" in r.stderr, r.stderr[-3000:]
+  assert "restored step 0" in lost[1].stderr
+  assert "restored step 9" in lost[0].stderr
