@@ -45,7 +45,7 @@ train: $(STAMP)
 
 # Every paper row (imagenet_resnet50_*) at toy scale with its own loop shape:
 # exact steps, exact evaluation, SIGTERM + exact resume; on one device, then on
-# a 2-replica MirroredStrategy. About 50 min on 2 cores. CPU only, also on a
+# a 2-replica MirroredStrategy. About 60 min on 2 cores. CPU only, also on a
 # GPU machine: the 2 replicas are logical CPUs, and the README's rehearsal
 # results are CPU results that a GPU run (other kernels, TF32) would not repeat.
 rehearse: $(STAMP)
