@@ -729,8 +729,7 @@ class ConAdvModel(keras.Model):
               synchronization="on_read",
               name=f"lookahead_slot{slot}_{part}"))
     self._queue_holder.variables = queue
-    restored_full = (self._queue_ready is not None and
-                     bool(int(self._queue_ready.numpy())))
+    restored_full = self.lookahead_queue_filled
     for name, component in self._queue_components():
       # A tf.train.Checkpoint restored into this model before the queue
       # existed keeps its values as deferred dependencies: restore them now.
