@@ -19,7 +19,8 @@ PACKAGES = ("official_conadv", "experiments", "benchmarks", "testdata")
 # Committed test fixtures (testdata/README.md): a filegroup, given as `data`
 # to the module that locates them, so every test using it gets them in its
 # runfiles.
-FIXTURES = ("testdata/image_folder/**", "testdata/imagenet_tfrecord/**")
+FIXTURES = ("testdata/image_folder/**", "testdata/imagenet_tfrecord/**",
+            "testdata/compat/**")
 DATA = {"official_conadv/testing/testdata.py": [":testdata_fixtures"]}
 THIRD_PARTY = {
     "absl": "absl-py", "keras": "keras", "tensorflow": "tensorflow",

@@ -31,3 +31,14 @@ def imagenet_tfrecord() -> str:
   """The imagenet_tfrecord fixture: train-00000-of-00001 (8 records) and
   validation-00000-of-00001 (4), 1-based labels."""
   return path("imagenet_tfrecord")
+
+
+def compat(*parts: str) -> str:
+  """testdata/compat/<parts...>: checkpoints of an older commit that
+  compat_test.py restores (written by testdata/make_compat_fixtures.py)."""
+  result = os.path.join(ROOT, "compat", *parts)
+  if not os.path.exists(result):
+    raise FileNotFoundError(
+        f"No fixture {result}: see testdata/compat/README.md (written by "
+        "testdata/make_compat_fixtures.py from a pinned commit).")
+  return result
