@@ -82,6 +82,7 @@ def build(name, image_size, num_classes, jit_compile, fused=None):
   """The compiled step of candidate `name` (see the module docstring);
   `fused` is the converter's option (None: the fused BN kernel)."""
   from official_conadv.modeling import conadv_model  # pylint: disable=g-import-not-at-top
+  from official_conadv.modeling import dual_batch_norm  # pylint: disable=g-import-not-at-top
   from official_conadv.modeling import convert  # pylint: disable=g-import-not-at-top
   if name not in CANDIDATES:
     raise ValueError(f"Unknown candidate {name!r}; known: {CANDIDATES}.")
@@ -95,7 +96,7 @@ def build(name, image_size, num_classes, jit_compile, fused=None):
     return _tape_step(
         lambda x: backbone(x, training=True, bn_route="main"),
         [v for v in backbone.trainable_variables
-         if not conadv_model._is_auxiliary(v)],  # pylint: disable=protected-access
+         if not dual_batch_norm.is_auxiliary(v)],
         jit_compile)
   mode = name[len("conadv_"):]
   adversary = (None if mode == "baseline" else

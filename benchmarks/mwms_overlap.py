@@ -62,7 +62,7 @@ candidate.
   lookahead   ... AdversaryConfig(delay=1, schedule="lookahead"), built by
               `schedules.build_lookahead`: attack the incoming batch t+1
               with theta_t, train on batch t popped from the per-replica
-              queue (filled by `fill_lookahead_queue` from a distributed
+              queue (filled by `schedule.fill` from a distributed
               dataset of random global batches: each worker's replica holds
               its own half);
   attack      the lookahead model's `adversarial_examples(x, y, step,
@@ -172,8 +172,8 @@ def _symbolic_build(model, x, y):
   """Builds the compiled loss and metrics (what `fit` does before its first
   step; under MWMS they cannot be made inside the replica step)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  model._maybe_symbolic_build(  # pylint: disable=protected-access
-      data_batch=(tf.TensorSpec.from_tensor(x), tf.TensorSpec.from_tensor(y)))
+  model.symbolic_build(
+      (tf.TensorSpec.from_tensor(x), tf.TensorSpec.from_tensor(y)))
 
 
 def allreduce_fn(strategy, variables):
@@ -231,7 +231,7 @@ def build_candidates(strategy, depth, image_size, per_worker_batch,
             without_attack=name == "train_part")
       else:
         model, fn = step_time.build_step(
-            schedules._MODES[name], depth, image_size, num_classes,  # pylint: disable=protected-access
+            schedules.MODES[name], depth, image_size, num_classes,
             False)
         _symbolic_build(model, x, y)
     models[name] = model
@@ -293,7 +293,7 @@ def worker(depth, image_size, per_worker_batch, num_classes, warmup,
       "task_index": task, "replicas": replicas,
       "tf_version": tf.__version__, "keras_version": keras.__version__,
       "strategy": distribute_utils.describe_devices(strategy),
-      "threads": schedules._threads(),  # pylint: disable=protected-access
+      "threads": schedules.thread_settings(),
       "gradient": {"num_tensors": len(variables), "num_params": sum(sizes),
                    "bytes": sum(s * i for s, i in zip(sizes, itemsizes)),
                    "dtypes": sorted({str(np.dtype(v.dtype))

@@ -71,6 +71,7 @@ def old_pipeline(data_dir, start_step, *, image_size, batch_size,
   sources, corrupt-record guard and preprocessing as the new one."""
   import types  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from official_conadv.data import corrupt_records  # pylint: disable=g-import-not-at-top
   from official_conadv.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from official_conadv.data import preprocessing  # pylint: disable=g-import-not-at-top
   src = input_pipeline.make_source(
@@ -91,7 +92,7 @@ def old_pipeline(data_dir, start_step, *, image_size, batch_size,
     return record.pop("file"), record.pop("index"), record
 
   guard = types.SimpleNamespace(skip_corrupt=False)
-  ds = input_pipeline._guarded_decode(  # pylint: disable=protected-access
+  ds = corrupt_records.guarded_decode(
       ds, guard, src, seeds, split_record, first, False)
   ds = ds.map(lambda k, image, label, file, index: (
       src.finish(image, seeds(k)[1]), label),

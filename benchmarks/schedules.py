@@ -94,7 +94,7 @@ LABEL_FORMATS = ("one_hot", "int32")
 # backward = 3 per training branch, attack (forward + input gradient) = 2.
 _FLOPS = {"baseline": 3.0, "sequential": 8.0, "delayed": 8.0,
           "lookahead": 8.0, "attack": 2.0, "train_part": 6.0}
-_MODES = {"baseline": "baseline", "sequential": "delay0",
+MODES = {"baseline": "baseline", "sequential": "delay0",
           "delayed": "delay1"}
 MIB = 1 << 20
 
@@ -152,7 +152,7 @@ def _batch_spec(batch, image_size, num_classes, labels):
 def queue_memory(depth, num_classes, tau, batch, image_size, labels):
   """Bytes of the lookahead queue for one replica's batch of `batch`.
 
-  Creates the queue variables (`_create_queue`), counts them, checks the
+  Creates the queue variables (`schedule.make_queue`), counts them, checks the
   count against tau x (2 image tensors + 1 label tensor) of the spec, and
   drops them.
 
@@ -163,8 +163,9 @@ def queue_memory(depth, num_classes, tau, batch, image_size, labels):
   import numpy as np  # pylint: disable=g-import-not-at-top
   model = _conadv(depth, num_classes, tau, "lookahead")
   spec = _batch_spec(batch, image_size, num_classes, labels)
-  model._create_queue(spec)  # pylint: disable=protected-access
-  queue = model._queue  # pylint: disable=protected-access
+  model.build((None,) + tuple(spec[0].shape[1:]))
+  model.schedule.make_queue(spec)
+  queue = model.schedule.variables
   nbytes = _nbytes(queue)
   per_part = [int(np.prod(s.shape)) * s.dtype.size for s in spec]
   expected = tau * (2 * per_part[0] + per_part[1])
@@ -173,7 +174,6 @@ def queue_memory(depth, num_classes, tau, batch, image_size, labels):
                          f"bytes in {len(queue)} variables, expected "
                          f"{expected} in {3 * tau}.")
   count = len(queue)
-  model._queue_holder.variables = []  # pylint: disable=protected-access
   del queue, model
   gc.collect()
   return {"tau": tau, "per_replica_batch": batch, "labels": labels,
@@ -191,7 +191,7 @@ def buffer_memory(depth, num_classes, tau, image_size):
   """
   model = _conadv(depth, num_classes, tau, "delayed")
   model.build((None, image_size, image_size, 3))
-  buffer = model._stale_buffer  # pylint: disable=protected-access
+  buffer = model.schedule.variables
   nbytes = _nbytes(buffer)
   params = sum(_size(v) for v in model.backbone.trainable_variables)
   if nbytes != tau * 4 * params:
@@ -278,7 +278,7 @@ def build_lookahead(depth, image_size, batch_size, num_classes, jit_compile,
   Returns:
     (model, fn): fn(x, y) runs `model.train_step((x, y))` and returns the
     loss; the queue holds tau batches (a dataset of random batches of the
-    same shape, `fill_lookahead_queue`).
+    same shape, `schedule.fill`).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from official_conadv.modeling import conadv_model  # pylint: disable=g-import-not-at-top
@@ -294,19 +294,20 @@ def build_lookahead(depth, image_size, batch_size, num_classes, jit_compile,
                   NoAttack if without_attack else None)
   fn = step_time.compiled_train_step(model, image_size, jit_compile)
   dataset = _random_batches(tau, batch_size, image_size, num_classes, seed=7)
-  model.fill_lookahead_queue(dataset)
+  model.schedule.fill(dataset)
   return model, fn
 
 
 def attack_fn(model, jit_compile):
   """tf.function (x, y) -> x_adv: `model`'s attack alone with theta_t."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from official_conadv.adversarial import schedules  # pylint: disable=g-import-not-at-top
   step = tf.constant(1, tf.int64)
 
   @tf.function(jit_compile=jit_compile)
   def fn(x, y):
     return model.adversarial_examples(
-        x, y, step, weights=model._current_weights())  # pylint: disable=protected-access
+        x, y, step, weights=schedules.trainable_weights(model.backbone))
 
   return fn
 
@@ -321,8 +322,8 @@ def build_candidates(candidates, depth, image_size, batch_size, num_classes,
   steps = {}
   lookahead_model = None
   for name in candidates:
-    if name in _MODES:
-      steps[name] = step_time.build_step(_MODES[name], depth, image_size,
+    if name in MODES:
+      steps[name] = step_time.build_step(MODES[name], depth, image_size,
                                          num_classes, jit_compile)[1]
     elif name == "lookahead":
       lookahead_model, steps[name] = build_lookahead(
@@ -394,7 +395,7 @@ def summarize(times, batch_size):
   return rows
 
 
-def _threads():
+def thread_settings():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return {"inter_op_parallelism_threads":
               tf.config.threading.get_inter_op_parallelism_threads(),
@@ -489,7 +490,7 @@ def run(depth=50, image_size=64, batch_size=16, num_classes=1000, warmup=2,
 
   device = (tf.config.list_logical_devices("GPU") or
             tf.config.list_logical_devices("CPU"))[0].name
-  threads = _threads()
+  threads = thread_settings()
   header = (f"ConAdvModel(ResNet-{depth}) schedules, {image_size}px, batch "
             f"{batch_size}, {device}, jit={jit_compile}, {os.cpu_count()} "
             f"CPUs, inter-op threads "

@@ -17,7 +17,7 @@ Time: candidates built in one process and timed interleaved (round-robin, one
 call each per round, after `--warmup` untimed calls each):
 
   step_delay1   the full ConAdv train step, delay 1 (`step_time.build_step`);
-  stale_tauN    `model._stale_weights(step)` alone in a tf.function: the
+  stale_tauN    `model.schedule.attack_weights(model, step)` alone in a tf.function: the
                 buffer read of theta_{t - tau} and the write of theta_t, for
                 each tau in --taus (tau 1 is the step_delay1 model's own
                 buffer), at a step t > 0 (the steady state, no fill);
@@ -56,26 +56,27 @@ def _nbytes(variables):
 
 def buffer_memory(model):
   """Bytes of a built ConAdvModel's stale buffer and of its backbone."""
-  from official_conadv.modeling import conadv_model  # pylint: disable=g-import-not-at-top
+  from official_conadv.modeling import dual_batch_norm  # pylint: disable=g-import-not-at-top
   tau = model.delay
   backbone = model.backbone
   slot_bytes = _nbytes(backbone.trainable_variables)
-  buffer_bytes = _nbytes(model._stale_buffer)  # pylint: disable=protected-access
+  buffer_bytes = _nbytes(model.schedule.variables)
   if buffer_bytes != tau * slot_bytes:
     raise AssertionError(f"tau={tau}: buffer holds {buffer_bytes} bytes, "
                          f"expected {tau} x {slot_bytes}.")
   for slot in range(tau):
-    if _nbytes(model.stale_slot(slot)) != slot_bytes:
+    if _nbytes(model.schedule.slot(slot)) != slot_bytes:
       raise AssertionError(f"tau={tau}: slot {slot} size mismatch.")
   model_bytes = _nbytes(backbone.weights)
   main_bytes = _nbytes(
-      [v for v in backbone.weights if not conadv_model._is_adv(v)])  # pylint: disable=protected-access
+      [v for v in backbone.weights
+       if dual_batch_norm.route_of(v) != dual_batch_norm.ADV])
   return {
       "tau": tau,
       "slot_bytes": slot_bytes,
       "buffer_bytes": buffer_bytes,
       "buffer_mib": buffer_bytes / MIB,
-      "num_buffer_variables": len(model._stale_buffer),  # pylint: disable=protected-access
+      "num_buffer_variables": len(model.schedule.variables),
       "model_param_bytes": model_bytes,
       "main_route_param_bytes": main_bytes,
       "fraction_of_model_params": buffer_bytes / model_bytes,
@@ -106,7 +107,7 @@ def stale_fn(model, jit_compile):
   @tf.function(jit_compile=jit_compile)
   def fn(x, y):
     del x, y
-    stale = model._stale_weights(step)  # pylint: disable=protected-access
+    stale = model.schedule.attack_weights(model, step)
     # The writes run anyway (stateful); this makes the reads run too.
     with tf.control_dependencies(stale):
       return tf.identity(step)

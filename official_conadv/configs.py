@@ -10,10 +10,11 @@ refuses a model_dir written with an incompatible config.
 import dataclasses
 import json
 import math
+import re
 import typing
 from typing import Any, Dict, Optional, Tuple
 
-from official_conadv.adversarial import attacks
+from official_conadv.adversarial import schedules
 
 
 @dataclasses.dataclass
@@ -48,26 +49,43 @@ class ModelConfig:
   application_bn_momentum: Optional[float] = None
 
 
-@dataclasses.dataclass
-class AdversaryConfig:
-  """The adversary (see conadv_model.AdversaryConfig). `enabled=False` is the
-  plain LARS baseline; delay 0 is AdvProp-style sequential training; delay >= 1
-  is ConAdv."""
-  enabled: bool = True
-  epsilon: float = 4.0 / 255.0
-  step_size: float = 4.0 / 255.0
-  steps: int = 1
-  random_init: bool = True
-  prob_start_from_clean: float = 0.0
-  targeted: bool = False
-  delay: int = 1
-  seed: int = 0
-  # "delayed": attack batch t with theta_{t-delay} from a ring buffer of
-  # weight copies. "lookahead" (paper Algorithm 1): attack batch t+delay with
-  # theta_t and keep the examples in a queue until step t+delay; the same
-  # weights for the same data, a queue of delay x (x, x_adv, y) per replica
-  # instead of delay weight copies. README: "Two schedules".
-  schedule: str = "delayed"
+def _adversary_config_class():
+  """The config layer's adversary: `enabled` + the fields of the model's
+  `schedules.AdversaryConfig` (same names, types and defaults; the model's
+  class decides every rule, see `validate` and `to_model`)."""
+  fields = [("enabled", bool, True)] + [
+      (f.name, f.type, dataclasses.field(default=f.default))
+      for f in dataclasses.fields(schedules.AdversaryConfig)]
+
+  def to_model(self) -> Optional[schedules.AdversaryConfig]:
+    """The model's `AdversaryConfig` (None when disabled); ValueError naming
+    the field (`adversary.<field>`) for a bad value."""
+    if not self.enabled:
+      return None
+    values = dataclasses.asdict(self)
+    values.pop("enabled")
+    try:
+      return schedules.AdversaryConfig(**values)
+    except ValueError as e:
+      raise ValueError(re.sub(r"`(\w+)`", r"adversary.\1", str(e))) from None
+
+  def input_offset(self) -> int:
+    """Batches the training input runs ahead (lookahead: delay, else 0)."""
+    return schedules.input_offset(self.to_model())
+
+  return dataclasses.make_dataclass(
+      "AdversaryConfig", fields, namespace={
+          "to_model": to_model, "input_offset": property(input_offset),
+          "__doc__": (
+              "The adversary (schedules.AdversaryConfig: PGD attack, delay "
+              "= tau, schedule 'delayed' or 'lookahead', seed). "
+              "`enabled=False` is the plain LARS baseline; delay 0 is "
+              "AdvProp-style sequential training; delay >= 1 is ConAdv. "
+              "README: \"Two schedules\".")})
+
+
+AdversaryConfig = _adversary_config_class()
+AdversaryConfig.__module__ = __name__
 
 
 @dataclasses.dataclass
@@ -212,13 +230,6 @@ class ExperimentConfig:
     if not 0.0 <= d.label_smoothing < 1.0:
       raise ValueError(f"data.label_smoothing must be in [0, 1), got "
                        f"{d.label_smoothing}.")
-    if a.schedule not in ("delayed", "lookahead"):
-      raise ValueError("adversary.schedule must be 'delayed' or "
-                       f"'lookahead', got {a.schedule!r}.")
-    if a.enabled and a.schedule == "lookahead" and d.autoaugment:
-      raise ValueError("adversary.schedule='lookahead' does not support "
-                       "data.autoaugment yet; use adversary.schedule="
-                       "'delayed'.")
     if d.autoaugment not in (None, "v0"):
       raise ValueError(f"data.autoaugment must be null or 'v0', got "
                        f"{d.autoaugment!r}.")
@@ -228,13 +239,12 @@ class ExperimentConfig:
                        "'mixed_bfloat16', 'mixed_float16' or 'float32', got "
                        f"{self.runtime.mixed_precision!r}.")
     if a.enabled:
-      try:
-        attacks.validate_attack_args(a.epsilon, a.step_size, a.steps,
-                                     a.prob_start_from_clean)
-      except ValueError as e:
-        raise ValueError(f"adversary: {e}") from None
-      if a.delay < 0:
-        raise ValueError(f"adversary.delay must be >= 0, got {a.delay}.")
+      a.to_model()  # Every rule of the adversary and its schedule.
+      schedules.check_inputs(a.to_model(), paired=d.autoaugment is not None,
+                             what="data.autoaugment")
+    elif a.schedule not in schedules.SCHEDULES:
+      raise ValueError(f"adversary.schedule must be one of "
+                       f"{schedules.SCHEDULES}, got {a.schedule!r}.")
     return self
 
 

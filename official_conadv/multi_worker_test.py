@@ -18,7 +18,7 @@ Two launches of `official_conadv/testing/conadv_worker.py` on 127.0.0.1:
 Both workers must end with identical weights, equal (1e-5) to one process
 training the same global batches with the default strategy (computed here),
 and the resumed run must equal the uninterrupted one, stale-weight ring
-buffer (`model.stale_slot(0)`), momentum slots and `iterations` included.
+buffer (`model.schedule.slot(0)`), momentum slots and `iterations` included.
 
 A third launch (`official_conadv/testing/conadv_user_strategy_worker.py`)
 does what a user would: `tf.distribute.MultiWorkerMirroredStrategy()` made
@@ -159,7 +159,7 @@ def test_checkpoint_resume_equals_uninterrupted(full_run, reference):
   names = ({f"backbone/{i:03d}": v.path
             for i, v in enumerate(model.backbone.weights)} |
            {f"stale0/{i:03d}": v.path
-            for i, v in enumerate(model.stale_slot(0))})
+            for i, v in enumerate(model.schedule.slot(0))})
   lost = [path for k, path in names.items()
           if not np.array_equal(got[k], at_save[0][k])]
   paths = list(names.values())

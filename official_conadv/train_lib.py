@@ -1,14 +1,28 @@
 """Training, evaluation, checkpointing and export for one experiment.
 
 `run(config, model_dir, mode, strategy)` does the work; `train.py` only parses
-flags. Training is cut into loops that end exactly at multiples of
+flags. `run` is a list of stages, each testable on its own:
+
+  train_plan.make_plan        sizes, loop ends, eval steps, steps per
+                              execution and why (pure: no TF op)
+  check_model_dir,            refuse bad input before anything is written
+  check_and_write_config
+  train_session.open_session  the model built in the strategy scope and
+                              restored from the newest good checkpoint
+  train                       the loops: fit, guards, checkpoint, scalars,
+                              evaluation, preemption
+  finish                      the last evaluation, the export, summary.json
+
+The data are one `input_pipeline.DataSource`, resolved once from
+`config.data`. Training is cut into loops that end exactly at multiples of
 `train.steps_per_loop` (counted from step 0) and at the last step; each loop
 is one `model.fit` over a finite input window of exactly its steps, read from
 the pipeline's per-epoch seeded order (`input_pipeline`), so
 `steps_per_execution` need not divide anything and the run never overshoots.
 With `adversary.schedule=lookahead` the queue is filled from batches
 0..tau-1 before the first loop, and each loop's window starts tau batches
-later (step t reads batch t + tau, `ConAdvModel.fit(input_is_ahead=True)`).
+later (step t reads batch t + tau: `model.schedule.fill`, then
+`ConAdvModel.fit(input_is_ahead=True)`).
 At the end of every loop: a checkpoint (model, optimizer, step, BN statistics
 and the stale-weight buffer or lookahead queue; under MultiWorkerMirrored each
 worker's own, as the queue holds its replicas' batches) in
@@ -30,7 +44,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import signal
 import threading
 import time
@@ -44,115 +57,214 @@ import tensorflow as tf
 from official_conadv import configs
 from official_conadv import distribute_utils
 from official_conadv import keras_mwms_fix
+from official_conadv import train_plan
+from official_conadv import train_session
 from official_conadv.data import input_pipeline
 from official_conadv.data import source as source_lib
-from official_conadv.modeling import backbones
 from official_conadv.modeling import conadv_model
-from official_conadv.optimization import lars
-from official_conadv.optimization import lr_schedules
+
 
 CONFIG_FILE = "config.json"
+MODES = ("train", "eval", "train_and_eval")
+# Parts of the stages, public here too (their home: train_plan.py and
+# train_session.py).
+loop_ends = train_plan.loop_ends
+steps_per_execution_for = train_plan.steps_per_execution_for
+build_backbone = train_session.build_backbone
+build_adversary = train_session.build_adversary
+build_optimizer = train_session.build_optimizer
+build_model = train_session.build_model
+restore_latest_good = train_session.restore_latest_good
+check_workers_agree = train_session.check_workers_agree
 
 
 class TrainingError(RuntimeError):
   """A run that must stop; the message is one line for the user."""
 
 
-# ---------------------------------------------------------------- building
-def build_backbone(c: configs.ModelConfig, image_shape) -> keras.Model:
-  """The backbone `c.name` names (`backbones`), for images of `image_shape`
-  (H, W, C); a third BN set ("aug") when `c.augmented_route == "aug"`."""
-  return backbones.build(c, image_shape,
-                         augmented_bn=c.augmented_route == conadv_model.AUG)
+class Preempted(Exception):
+  """Raised after the checkpoint of a SIGTERM-stopped run is saved."""
 
 
-def build_adversary(c: configs.AdversaryConfig):
-  if not c.enabled:
-    return None
-  fields = dataclasses.asdict(c)
-  fields.pop("enabled")
-  return conadv_model.AdversaryConfig(**fields)
+# ------------------------------------------------------------------- run
+def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
+        strategy: Optional[tf.distribute.Strategy] = None,
+        verbose: int = 1, export: bool = True,
+        callbacks=(), allow_config_change: bool = False) -> Dict[str, Any]:
+  """Runs `mode` ("train", "eval" or "train_and_eval") and returns a summary.
 
+  Training runs in loops that end exactly at multiples of
+  `train.steps_per_loop` and at the last step (module docstring); after
+  every loop: a checkpoint, TensorBoard scalars and, in train_and_eval
+  mode, an exact evaluation (every image once).
 
-def build_optimizer(c: configs.OptimizerConfig, total_steps: int,
-                    steps_per_epoch: int, mixed_precision: Optional[str]):
-  warmup = min(total_steps, int(round(c.warmup_epochs * steps_per_epoch)))
-  schedule = lr_schedules.WarmupPolynomialDecay(
-      peak_learning_rate=c.learning_rate, total_steps=total_steps,
-      warmup_steps=warmup, end_learning_rate=min(c.end_learning_rate,
-                                                 c.learning_rate),
-      power=c.power)
-  if c.name == "lars":
-    optimizer = lars.LARS(learning_rate=schedule, momentum=c.momentum,
-                          weight_decay_rate=c.weight_decay, eeta=c.eeta,
-                          nesterov=c.nesterov)
-  else:
-    optimizer = keras.optimizers.SGD(learning_rate=schedule,
-                                     momentum=c.momentum, nesterov=c.nesterov,
-                                     weight_decay=c.weight_decay or None)
-  if mixed_precision == "mixed_float16":
-    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-  return optimizer
-
-
-def steps_per_execution_for(strategy, requested: int,
-                            paired_inputs: bool = False) -> int:
-  """`requested`, or 1 where several steps per call are broken or inexact.
-
-  Keras 3's multi-step loop wraps each step in a `tf.cond` (so an execution
-  can stop at the end of the data), and under MirroredStrategy and
-  MultiWorkerMirroredStrategy the step's cross-replica `merge_call` inside
-  that cond fails with "You must feed a value for placeholder tensor ...",
-  even for a one-layer model (keras-team/keras#19246, open;
-  `train_test.test_upstream_multi_step_loop_under_mirrored_still_fails`
-  notices when that changes). The TPU rows' `steps_per_execution` is for
-  TPUStrategy (fewer host round trips); GPU strategies run one step per call.
-
-  `paired_inputs` (the +AA rows with an adversary: {"image", "augmented"}
-  inputs): `make rehearse` found such runs with several steps per call not
-  bitwise reproducible across runs in one process (largest weight difference
-  0.13-0.86 at the toy rows' learning rates), while one step per call is;
-  the cause is not found yet, so they run one step per call.
+  `callbacks` are extra Keras callbacks given to every loop's `fit`, after
+  the trainer's own. The summary dict holds the final `eval` metrics (top-1 as
+  `accuracy`, `top5`, `loss`, `examples` = images scored), `train` logs,
+  `step`, `wall_seconds`, `train_seconds` and `images_per_second` (training
+  steps only). Raises ValueError for bad input before anything is written to
+  model_dir, TrainingError when training must stop (non-finite loss, an
+  inexact loop or evaluation), Preempted after saving on SIGTERM.
   """
-  if requested > 1 and (paired_inputs or isinstance(strategy, (
-      tf.distribute.MirroredStrategy,
-      tf.distribute.MultiWorkerMirroredStrategy))):
-    return 1
-  return requested
+  if mode not in MODES:
+    raise ValueError(f"--mode must be train, eval or train_and_eval, got "
+                     f"{mode!r}.")
+  config.validate()
+  started = time.perf_counter()
+  strategy = strategy or tf.distribute.get_strategy()
+  is_chief = distribute_utils.is_chief()
+  for batch_size in (config.train.global_batch_size,
+                     config.train.eval_batch_size):
+    distribute_utils.check_global_batch_size(batch_size, strategy)
+  # Where we write and where we read must be directories (one-line errors
+  # before anything is written; the data's are checked by the data layer).
+  check_model_dir(model_dir)
+  if is_chief:
+    print(f"devices: {distribute_utils.describe_devices(strategy)}",
+          flush=True)
+  data = input_pipeline.DataSource(config.data)
+  plan = train_plan.make_plan(config, data.num_examples("train"),
+                              data.num_examples("eval"),
+                              train_plan.StrategyFacts.of(strategy))
+  data.check()  # Validate the data before touching model_dir.
+  changed = check_and_write_config(config, model_dir,
+                                   write=mode != "eval" and is_chief,
+                                   allow_config_change=allow_config_change)
+  if plan.steps_per_execution_note and is_chief:
+    print(plan.steps_per_execution_note, flush=True)
+  session = train_session.open_session(config, plan, data, strategy,
+                                       model_dir, mode, is_chief)
+  if changed:
+    print(f"Config changed on resume at step {session.step} "
+          f"(--allow_config_change): {'; '.join(changed)}. Learning rate now "
+          f"{_learning_rate(session.model.optimizer, session.step):.6g}; "
+          f"{plan.total_steps} steps in all.", flush=True)
+  scalars = ScalarWriter(model_dir, enabled=is_chief)
+  progress = Progress(step=session.step)
+  if mode != "eval":
+    progress = train(session, scalars,
+                     evaluate_each_loop=mode == "train_and_eval",
+                     callbacks=callbacks, verbose=verbose,
+                     say=print if (verbose and is_chief) else _silent)
+  return finish(session, progress, scalars, mode=mode, export=export,
+                started=started)
 
 
-def build_model(config: configs.ExperimentConfig, image_shape,
-                total_steps: int, steps_per_epoch: int, jit_compile: bool,
-                steps_per_execution: Optional[int] = None):
-  """ConAdvModel built (both BN routes, stale buffer, optimizer) and compiled.
+def _silent(*args, **kwargs):
+  del args, kwargs
 
-  Call inside the strategy scope. `steps_per_execution`: default
-  `config.train.steps_per_execution`.
+
+# ------------------------------------------------------------ model_dir
+def check_model_dir(model_dir: Optional[str]):
+  """ValueError (one line) unless `model_dir` is a writable directory or can
+  be created as one. Call before anything is written.
+
+  Refused: no model_dir; a model_dir that names a file or (local paths) lies
+  under one; a directory this process cannot write to; a new local
+  model_dir whose nearest existing ancestor it cannot write to. Writability
+  is probed by writing and deleting one empty file with a fresh random name
+  (`.write_probe-<hex>`, through tf.io.gfile, so gs:// works too) in
+  model_dir, or in that ancestor when a local model_dir does not exist yet
+  (nothing is created: model_dir is made later, by the run). A remote
+  model_dir (gs://...) is probed in place, existing or not: object stores
+  need no parent directory. Nothing that exists is read or changed.
   """
-  model = conadv_model.ConAdvModel(build_backbone(config.model, image_shape),
-                                   adversary=build_adversary(config.adversary),
-                                   augmented_route=config.model.augmented_route)
-  model.build((None,) + tuple(image_shape))
-  label_smoothing = config.data.label_smoothing
-  if label_smoothing > 0:
-    loss = keras.losses.CategoricalCrossentropy(
-        from_logits=True, label_smoothing=label_smoothing)
-    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"),
-               keras.metrics.TopKCategoricalAccuracy(5, name="top5")]
+  if not model_dir:
+    raise ValueError("--model_dir is required.")
+  problem = source_lib.not_a_directory("--model_dir", model_dir)
+  if problem:
+    raise ValueError(f"{problem}; point it at a new or existing directory.")
+  if source_lib.is_remote(model_dir) or tf.io.gfile.isdir(model_dir):
+    where, prefix = model_dir, f"--model_dir {model_dir} is not writable"
   else:
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-               keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")]
-  optimizer = build_optimizer(config.optimizer, total_steps, steps_per_epoch,
-                              config.runtime.mixed_precision)
-  model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
-                steps_per_execution=(steps_per_execution or
-                                     config.train.steps_per_execution),
-                jit_compile=jit_compile)
-  # Build the optimizer now, with the adversarial BN variables present, so a
-  # checkpoint restores its slots exactly.
-  model.optimizer.build(model.trainable_variables)
-  return model
+    where = source_lib.nearest_existing(model_dir)
+    if where is None:  # Nothing above it exists, not even the root.
+      raise ValueError(f"--model_dir {model_dir} cannot be created.")
+    prefix = (f"--model_dir {model_dir} cannot be created: {where} is not "
+              "writable")
+  probe = os.path.join(where, f".write_probe-{uuid.uuid4().hex}")
+  try:
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("")
+  except (tf.errors.OpError, OSError) as e:
+    raise ValueError(f"{prefix} ({distribute_utils.one_line(e)[:160]}): use "
+                     "a directory this job can write to.") from None
+  finally:
+    try:
+      if tf.io.gfile.exists(probe):
+        tf.io.gfile.remove(probe)
+    except (tf.errors.OpError, OSError) as e:
+      logging.warning("Could not delete the write probe %s: %s", probe, e)
+
+
+def check_and_write_config(config: configs.ExperimentConfig, model_dir: str,
+                           write: bool, allow_config_change: bool = False):
+  """Refuses a model_dir written by an incompatible config; saves ours.
+
+  Fields in `configs.SCHEDULE_FIELDS` (run length, global batch, seeds, data
+  order) may change only with `allow_config_change`, and the change is
+  logged; every other incompatible field is refused. Returns the list of
+  allowed changes ("field: old -> new").
+  """
+  path = os.path.join(model_dir, CONFIG_FILE)
+  changed = []
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      try:
+        saved = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); use a new "
+                         "--model_dir.") from None
+    diffs = configs.incompatibilities(saved, config)
+    hard = [d for d in diffs if d.field not in configs.SCHEDULE_FIELDS]
+    soft = [d for d in diffs if d.field in configs.SCHEDULE_FIELDS]
+    if hard:
+      raise ValueError(
+          f"--model_dir {model_dir} holds a run with an incompatible config "
+          f"({'; '.join(map(str, hard[:3]))}"
+          f"{'; ...' if len(hard) > 3 else ''}); use a new --model_dir or "
+          "the same settings.")
+    if soft and not allow_config_change:
+      raise ValueError(
+          f"--model_dir {model_dir} holds a run with another schedule or data "
+          f"order ({'; '.join(map(str, soft))}); resuming would change the "
+          "learning rate or the batches: rerun with the same settings, or "
+          "pass --allow_config_change to continue with the new ones.")
+    if (config.adversary.input_offset and
+        any(d.field == "train.global_batch_size" for d in soft)):
+      raise ValueError(
+          "train.global_batch_size cannot change on resume with "
+          "adversary.schedule='lookahead': the checkpoint's queue holds "
+          "batches of the old size; use a new --model_dir.")
+    changed = [str(d) for d in soft]
+  if write:
+    tf.io.gfile.makedirs(model_dir)
+    with tf.io.gfile.GFile(path, "w") as f:
+      f.write(config.to_json())
+  return changed
+
+
+# ------------------------------------------------------------ evaluation
+def evaluate(session: train_session.Session) -> Dict[str, Any]:
+  """The session model's metrics on `plan.eval_steps` batches of the eval
+  pass (all of them unless train.eval_steps is smaller); `examples` =
+  images scored. A full evaluation must score every image of the split
+  once (TrainingError otherwise)."""
+  plan = session.plan
+  results = session.model.evaluate(session.eval_dataset(),
+                                   steps=plan.eval_steps, verbose=0,
+                                   return_dict=True)
+  results = {k: float(v) for k, v in results.items()}
+  results["examples"] = int(round(results.get("examples", 0)))
+  skipped = session.data.eval_corrupt.count
+  expected = plan.num_eval - skipped
+  if plan.full_eval and results["examples"] != expected:
+    raise TrainingError(
+        f"Evaluation scored {results['examples']} images, expected "
+        f"{expected} ({plan.num_eval} in the eval split, {skipped} "
+        "skipped as corrupt); check data.num_eval_examples against the "
+        "data.")
+  return results
 
 
 # ------------------------------------------------------------- callbacks
@@ -237,203 +349,122 @@ class PreemptionWatcher(keras.callbacks.Callback):
       self.model.stop_training = True
 
 
-class Preempted(Exception):
-  """Raised after the checkpoint of a SIGTERM-stopped run is saved."""
+# ------------------------------------------------------------ the loops
+class ScalarWriter:
+  """TensorBoard scalars in model_dir/train and model_dir/eval (the chief's;
+  elsewhere `write` does nothing)."""
+
+  def __init__(self, model_dir: str, enabled: bool):
+    self._writers = {}
+    if enabled:
+      for kind in ("train", "eval"):
+        self._writers[kind] = tf.summary.create_file_writer(
+            os.path.join(model_dir, kind))
+
+  def write(self, kind: str, step: int, values: Dict[str, Any]):
+    """The numbers among `values` at `step` in `kind` ("train" or "eval")."""
+    writer = self._writers.get(kind)
+    if writer is None:
+      return
+    with writer.as_default(step=step):
+      for k, v in values.items():
+        if isinstance(v, (int, float)):
+          tf.summary.scalar(k, v)
+    writer.flush()
 
 
-def check_workers_agree(strategy, step: int, ckpt_dir: str):
-  """Under a multi-worker strategy every worker restores its own checkpoint
-  (the chief from checkpoints/, the others from their scratch dirs); they
-  must hold the same step, or the workers would train different weights.
-  Raises ValueError on every worker whose step is not the workers' mean."""
-  if not keras_mwms_fix.is_multi_worker(strategy):
-    return
-  value = tf.constant(float(step), tf.float64)
-  total = float(strategy.reduce(
-      tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(value)),
-      axis=None))
-  mean = total / strategy.num_replicas_in_sync
-  if mean != step:
-    raise ValueError(
-        f"Worker {distribute_utils.task_index()} restored step {step} from "
-        f"{ckpt_dir}, but the workers' mean step is {mean:g}: every worker "
-        "must resume from the same step (a worker's scratch checkpoints "
-        "were lost or are older); restore them or use a new --model_dir.")
+@dataclasses.dataclass
+class Progress:
+  """Where training got to: the summary's step, last `train` logs and
+  `eval` metrics, and the time spent in training steps."""
+  step: int
+  train: Dict[str, float] = dataclasses.field(default_factory=dict)
+  eval: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  train_seconds: float = 0.0
+  trained_steps: int = 0
 
 
-def lookahead_schedule(model) -> bool:
-  """Whether `model` trains with the lookahead schedule (tau >= 1)."""
-  adversary = model.adversary
-  return bool(adversary is not None and adversary.delay and
-              adversary.schedule == conadv_model.LOOKAHEAD)
+def _check_loop(session: train_session.Session, guard: NonFiniteGuard,
+                step: int, end: int, preempted: bool):
+  """TrainingError (nothing saved) when a loop's loss or weights are not
+  finite, or it stopped before `end` without a preemption."""
+  last_good = session.manager.latest_checkpoint or "none"
+  if guard.bad_step is not None:
+    raise TrainingError(
+        f"Non-finite loss at step {guard.bad_step}; stopped without "
+        f"saving. Last good checkpoint: {last_good}.")
+  if not _all_finite(session.model):
+    raise TrainingError(
+        f"Non-finite weights after step {step}; stopped without saving."
+        f" Last good checkpoint: {last_good}.")
+  if step != end and not preempted:
+    raise TrainingError(
+        f"Loop ended at step {step}, expected {end}: the input window "
+        "ran short or a callback stopped training; nothing saved.")
+
+
+def train(session: train_session.Session, scalars: ScalarWriter, *,
+          evaluate_each_loop: bool, callbacks=(), verbose: int = 1,
+          say=print) -> Progress:
+  """The training loops from the session's step to `plan.total_steps`: each
+  one `fit` over exactly its input window, then a checkpoint, scalars and,
+  with `evaluate_each_loop`, an evaluation. Raises TrainingError, or
+  Preempted after saving on SIGTERM."""
+  plan, model = session.plan, session.model
+  progress = Progress(step=session.step)
+  ends = plan.loop_ends(progress.step)
+  if not ends:
+    return progress
+  say(f"Training {session.config.name} ({session.config.method}) for "
+      f"{plan.total_steps} steps from step {progress.step}: {len(ends)} loops "
+      f"of up to {plan.steps_per_loop} steps, {plan.steps_per_execution} per "
+      f"execution; TensorBoard: tensorboard --logdir={session.model_dir}",
+      flush=True)
+  guard = NonFiniteGuard()
+  session.fill_lookahead()
+  saved_step = progress.step if session.restored else None
+  with PreemptionWatcher(session.strategy) as watcher:
+    for end in ends:
+      begin, timer = session.step, TrainTimer()
+      history = model.fit(
+          session.train_window(begin + session.input_offset, end - begin),
+          epochs=1, steps_per_epoch=end - begin,
+          callbacks=[guard, timer, watcher] + list(callbacks),
+          verbose=verbose, shuffle=False, **session.fit_kwargs())
+      step = session.step
+      _check_loop(session, guard, step, end, preempted=watcher.requested)
+      progress.train_seconds += timer.seconds
+      progress.trained_steps += step - begin
+      if step != saved_step:
+        session.manager.save(checkpoint_number=step)
+        saved_step = step
+      progress.train = {k: float(v[-1]) for k, v in history.history.items()
+                        if v}
+      progress.step = step
+      ips = ((step - begin) * session.config.train.global_batch_size /
+             max(timer.seconds, 1e-9))
+      scalars.write("train", step, dict(
+          progress.train, learning_rate=_learning_rate(model.optimizer, step),
+          images_per_second=ips))
+      if watcher.requested:
+        raise Preempted(
+            f"SIGTERM received: saved the checkpoint of step {step} in "
+            f"{session.ckpt_dir}; rerun the same command to resume.")
+      line = (f"step {step}/{plan.total_steps}: "
+              f"loss={progress.train.get('loss', 0):.4f} "
+              f"{ips:.1f} images/s (training steps only)")
+      if evaluate_each_loop:
+        progress.eval = evaluate(session)
+        scalars.write("eval", step, progress.eval)
+        line += (f" | eval top1={progress.eval.get('accuracy', 0):.4f} "
+                 f"on {progress.eval['examples']} images")
+      say(line, flush=True)
+  return progress
 
 
 def _all_finite(model) -> bool:
   return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
                              for v in model.trainable_variables]))
-
-
-# ------------------------------------------------------------ model_dir
-def check_model_dir(model_dir: Optional[str]):
-  """ValueError (one line) unless `model_dir` is a writable directory or can
-  be created as one. Call before anything is written.
-
-  Refused: no model_dir; a model_dir that names a file or (local paths) lies
-  under one; a directory this process cannot write to; a new local
-  model_dir whose nearest existing ancestor it cannot write to. Writability
-  is probed by writing and deleting one empty file with a fresh random name
-  (`.write_probe-<hex>`, through tf.io.gfile, so gs:// works too) in
-  model_dir, or in that ancestor when a local model_dir does not exist yet
-  (nothing is created: model_dir is made later, by the run). A remote
-  model_dir (gs://...) is probed in place, existing or not: object stores
-  need no parent directory. Nothing that exists is read or changed.
-  """
-  if not model_dir:
-    raise ValueError("--model_dir is required.")
-  problem = source_lib.not_a_directory("--model_dir", model_dir)
-  if problem:
-    raise ValueError(f"{problem}; point it at a new or existing directory.")
-  if source_lib.is_remote(model_dir) or tf.io.gfile.isdir(model_dir):
-    where, prefix = model_dir, f"--model_dir {model_dir} is not writable"
-  else:
-    where = source_lib.nearest_existing(model_dir)
-    if where is None:  # Nothing above it exists, not even the root.
-      raise ValueError(f"--model_dir {model_dir} cannot be created.")
-    prefix = (f"--model_dir {model_dir} cannot be created: {where} is not "
-              "writable")
-  probe = os.path.join(where, f".write_probe-{uuid.uuid4().hex}")
-  try:
-    with tf.io.gfile.GFile(probe, "w") as f:
-      f.write("")
-  except (tf.errors.OpError, OSError) as e:
-    raise ValueError(f"{prefix} ({distribute_utils.one_line(e)[:160]}): use "
-                     "a directory this job can write to.") from None
-  finally:
-    try:
-      if tf.io.gfile.exists(probe):
-        tf.io.gfile.remove(probe)
-    except (tf.errors.OpError, OSError) as e:
-      logging.warning("Could not delete the write probe %s: %s", probe, e)
-
-
-def check_and_write_config(config: configs.ExperimentConfig, model_dir: str,
-                           write: bool, allow_config_change: bool = False):
-  """Refuses a model_dir written by an incompatible config; saves ours.
-
-  Fields in `configs.SCHEDULE_FIELDS` (run length, global batch, seeds, data
-  order) may change only with `allow_config_change`, and the change is
-  logged; every other incompatible field is refused. Returns the list of
-  allowed changes ("field: old -> new").
-  """
-  path = os.path.join(model_dir, CONFIG_FILE)
-  changed = []
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      try:
-        saved = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); use a new "
-                         "--model_dir.") from None
-    diffs = configs.incompatibilities(saved, config)
-    hard = [d for d in diffs if d.field not in configs.SCHEDULE_FIELDS]
-    soft = [d for d in diffs if d.field in configs.SCHEDULE_FIELDS]
-    if hard:
-      raise ValueError(
-          f"--model_dir {model_dir} holds a run with an incompatible config "
-          f"({'; '.join(map(str, hard[:3]))}"
-          f"{'; ...' if len(hard) > 3 else ''}); use a new --model_dir or "
-          "the same settings.")
-    if soft and not allow_config_change:
-      raise ValueError(
-          f"--model_dir {model_dir} holds a run with another schedule or data "
-          f"order ({'; '.join(map(str, soft))}); resuming would change the "
-          "learning rate or the batches: rerun with the same settings, or "
-          "pass --allow_config_change to continue with the new ones.")
-    a = config.adversary
-    if (a.enabled and a.delay and a.schedule == "lookahead" and
-        any(d.field == "train.global_batch_size" for d in soft)):
-      raise ValueError(
-          "train.global_batch_size cannot change on resume with "
-          "adversary.schedule='lookahead': the checkpoint's queue holds "
-          "batches of the old size; use a new --model_dir.")
-    changed = [str(d) for d in soft]
-  if write:
-    tf.io.gfile.makedirs(model_dir)
-    with tf.io.gfile.GFile(path, "w") as f:
-      f.write(config.to_json())
-  return changed
-
-
-def _jit_default(strategy) -> bool:
-  if isinstance(strategy, tf.distribute.TPUStrategy):
-    return True
-  return bool(tf.config.list_logical_devices("GPU"))
-
-
-# Errors that mean "this checkpoint's files are damaged" (truncated, missing
-# shard, bad checksum), as opposed to "written by another model". TF's
-# checkpoint reader reports a data file cut short as IndexError ("Read less
-# bytes than requested").
-_CORRUPT_CHECKPOINT_ERRORS = (tf.errors.DataLossError, tf.errors.NotFoundError,
-                              tf.errors.OutOfRangeError,
-                              tf.errors.UnknownError, IndexError)
-# What other errors say when they come from a damaged file (a truncated
-# .index: "file is too short to be an sstable").
-_DAMAGE_MARKERS = re.compile(
-    r"sstable|too short|truncat|corrupt|checksum|Read less bytes|"
-    r"Unable to open table", re.IGNORECASE)
-
-
-def restore_latest_good(checkpoint: tf.train.Checkpoint,
-                        manager: tf.train.CheckpointManager,
-                        announce=print) -> Optional[str]:
-  """Restores the newest readable checkpoint of `manager`; returns its path.
-
-  A damaged checkpoint (truncated or missing files) is named in one line and
-  the next older one is tried; nothing is deleted. A checkpoint written by
-  another model is a ValueError (no fallback: the model_dir is wrong).
-  """
-  candidates = list(reversed(manager.checkpoints))
-  damaged = []
-  for path in candidates:
-    try:
-      try:
-        checkpoint.restore(path).assert_existing_objects_matched()
-      except (ValueError, tf.errors.OpError) as e:
-        if _DAMAGE_MARKERS.search(str(e)):
-          raise tf.errors.DataLossError(None, None, str(e)) from None
-        raise
-    except _CORRUPT_CHECKPOINT_ERRORS as e:
-      reason = distribute_utils.one_line(e)[:160]
-      damaged.append(path)
-      announce(f"Checkpoint {path} is unreadable ({reason}); trying the "
-               "previous one (nothing is deleted).")
-      continue
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-      raise ValueError(
-          f"Checkpoint {path} does not match this model "
-          f"({distribute_utils.one_line(e)[:200]}); it was written by "
-          "another model or version: use a new --model_dir.") from None
-    if damaged:
-      announce(f"Resuming from {path} instead of the unreadable "
-               f"{', '.join(damaged)}.")
-    return path
-  if damaged:
-    raise ValueError(f"Every checkpoint in {manager.directory} is unreadable "
-                     f"({', '.join(damaged)}); use a new --model_dir or "
-                     "restore the files.")
-  return None
-
-
-def loop_ends(step: int, total_steps: int, steps_per_loop: int):
-  """The global steps at which loops end from `step` on: multiples of
-  `steps_per_loop` counted from step 0, and `total_steps` (a resume from a
-  mid-loop preemption checkpoint first finishes that loop)."""
-  ends = []
-  while step < total_steps:
-    step = min(total_steps, (step // steps_per_loop + 1) * steps_per_loop)
-    ends.append(step)
-  return ends
 
 
 def _learning_rate(optimizer, step: int) -> float:
@@ -445,259 +476,35 @@ def _learning_rate(optimizer, step: int) -> float:
   return float(optimizer.learning_rate)
 
 
-# ------------------------------------------------------------------- run
-def run(config: configs.ExperimentConfig, model_dir: str, mode: str = "train",
-        strategy: Optional[tf.distribute.Strategy] = None,
-        verbose: int = 1, export: bool = True,
-        callbacks=(), allow_config_change: bool = False) -> Dict[str, Any]:
-  """Runs `mode` ("train", "eval" or "train_and_eval") and returns a summary.
-
-  Training runs in loops that end exactly at multiples of
-  `train.steps_per_loop` and at the last step, each one `model.fit` over a
-  finite input window of exactly its steps (so `steps_per_execution` that
-  does not divide the loop runs a last, shorter chunk and never overshoots).
-  After every loop: a checkpoint, TensorBoard scalars and, in
-  train_and_eval mode, an exact evaluation (every image once).
-
-  `callbacks` are extra Keras callbacks given to every loop's `fit`, after
-  the trainer's own. The summary dict holds the final `eval` metrics (top-1 as
-  `accuracy`, `top5`, `loss`, `examples` = images scored), `train` logs,
-  `step`, `wall_seconds`, `train_seconds` and `images_per_second` (training
-  steps only). Raises ValueError for bad input before anything is written to
-  model_dir, TrainingError when training must stop (non-finite loss, an
-  inexact loop or evaluation), Preempted after saving on SIGTERM.
-  """
-  if mode not in ("train", "eval", "train_and_eval"):
-    raise ValueError(f"--mode must be train, eval or train_and_eval, got "
-                     f"{mode!r}.")
-  config.validate()
-  start = time.perf_counter()
-  strategy = strategy or tf.distribute.get_strategy()
-  is_chief = distribute_utils.is_chief()
-  distribute_utils.check_global_batch_size(config.train.global_batch_size,
-                                           strategy)
-  distribute_utils.check_global_batch_size(config.train.eval_batch_size,
-                                           strategy)
-  # Where we write and where we read must be directories (one-line errors
-  # before anything is written; the data's are checked by the data layer).
-  check_model_dir(model_dir)
-  if is_chief:
-    print(f"devices: {distribute_utils.describe_devices(strategy)}",
-          flush=True)
-  data = config.data
-  num_train = data.num_train_examples or input_pipeline.num_examples(
-      data.name, "train", data_dir=data.data_dir)
-  num_eval = data.num_eval_examples or input_pipeline.num_examples(
-      data.name, "eval", data_dir=data.data_dir)
-  steps_per_epoch = config.steps_per_epoch(num_train)
-  total_steps = config.total_steps(num_train)
-  steps_per_loop = min(config.train.steps_per_loop, total_steps)
-  pipelines = input_pipeline.num_input_pipelines(strategy)
-  # The eval pipeline always holds one whole padded pass; train.eval_steps
-  # (a quick partial evaluation) only scores its first batches.
-  pass_steps = input_pipeline.num_eval_steps(
-      num_eval, config.train.eval_batch_size, pipelines)
-  eval_steps = min(config.train.eval_steps or pass_steps, pass_steps)
-  full_eval = eval_steps == pass_steps
-
-  # Validate the data before touching model_dir.
-  input_pipeline.check_data(data.name, data_dir=data.data_dir)
-  changed = check_and_write_config(config, model_dir,
-                                   write=mode != "eval" and is_chief,
-                                   allow_config_change=allow_config_change)
-
-  if config.runtime.mixed_precision:
-    keras.mixed_precision.set_global_policy(config.runtime.mixed_precision)
-  jit = config.runtime.jit_compile
-  if jit is None:
-    jit = _jit_default(strategy)
-
-  image_shape = input_pipeline.image_shape(data.name, data.image_size)
-  # Same seed => same initial weights; a resumed run overwrites them from
-  # its checkpoint anyway.
-  keras.utils.set_random_seed(config.train.seed)
-  paired = bool(config.adversary.enabled and data.autoaugment)
-  steps_per_execution = steps_per_execution_for(
-      strategy, config.train.steps_per_execution, paired_inputs=paired)
-  if steps_per_execution != config.train.steps_per_execution and is_chief:
-    why = ("AutoAugment + adversary runs are not reproducible with several "
-           "steps per call yet" if paired else
-           f"Keras 3's multi-step loop fails under {type(strategy).__name__} "
-           "(keras-team/keras#19246)")
-    print(f"train.steps_per_execution={config.train.steps_per_execution} "
-          f"runs as 1: {why}.", flush=True)
-  corrupt = input_pipeline.CorruptRecordCounter()  # Training records.
-
-  def _train_input(first, num_steps):
-    """The training batches [first, first + num_steps), distributed."""
-    return input_pipeline.distributed_dataset(
-        strategy, data, split="train", is_training=True,
-        global_batch_size=config.train.global_batch_size,
-        num_classes=config.model.num_classes, seed=config.train.seed,
-        start_step=first, num_steps=num_steps,
-        steps_per_epoch=steps_per_epoch, corrupt_counter=corrupt,
-        augment_pair=config.adversary.enabled)
-
-  with strategy.scope():
-    model = build_model(config, image_shape, total_steps, steps_per_epoch,
-                        jit_compile=jit,
-                        steps_per_execution=steps_per_execution)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-  ckpt_dir = os.path.join(model_dir, "checkpoints")
-  if not is_chief:  # Non-chief workers write to a scratch dir (TF recipe).
-    ckpt_dir = os.path.join(model_dir, "tmp_worker_checkpoints",
-                            str(distribute_utils.task_index()))
-  manager = tf.train.CheckpointManager(
-      checkpoint, ckpt_dir, max_to_keep=config.train.keep_checkpoints)
-  # Lookahead: step t trains on batch t from the queue and reads batch
-  # t + tau. The queue exists before the restore (so a checkpoint without
-  # this worker's queue does not match); a fresh run fills it with batches
-  # 0..tau-1, a resumed one restores it (each worker its own slots).
-  ahead = model.delay if lookahead_schedule(model) else 0
-  first_batches = None
-  if ahead and mode != "eval":
-    first_batches = _train_input(0, ahead)
-    model.create_lookahead_queue(
-        first_batches.element_spec,
-        per_replica_batch_size=(config.train.global_batch_size //
-                                strategy.num_replicas_in_sync))
-  say = print if (verbose and is_chief) else (lambda *a, **k: None)
-  restored = restore_latest_good(checkpoint, manager, announce=print)
-  if restored:
-    logging.info("Restored %s", restored)
-  elif mode == "eval":
-    raise ValueError(f"No checkpoint in {ckpt_dir} to evaluate.")
-  step = int(model.optimizer.iterations.numpy())
-  check_workers_agree(strategy, step, ckpt_dir)
-  if ahead and restored and not model.lookahead_queue_filled:
-    raise ValueError(f"Checkpoint {restored} holds no lookahead queue; use "
-                     "the adversary.schedule it was trained with.")
-  if changed:
-    print(f"Config changed on resume at step {step} (--allow_config_change): "
-          f"{'; '.join(changed)}. Learning rate now "
-          f"{_learning_rate(model.optimizer, step):.6g}; {total_steps} steps "
-          "in all.", flush=True)
-
-  eval_corrupt = input_pipeline.CorruptRecordCounter()
-  eval_ds = None
-
-  def evaluate():
-    nonlocal eval_ds
-    if eval_ds is None:
-      eval_ds = input_pipeline.distributed_dataset(
-          strategy, data, split="eval", is_training=False,
-          global_batch_size=config.train.eval_batch_size,
-          num_classes=config.model.num_classes, seed=config.train.seed,
-          eval_steps=pass_steps, corrupt_counter=eval_corrupt, repeat=False)
-    results = model.evaluate(eval_ds, steps=eval_steps, verbose=0,
-                             return_dict=True)
-    results = {k: float(v) for k, v in results.items()}
-    results["examples"] = int(round(results.get("examples", 0)))
-    expected = num_eval - eval_corrupt.count
-    if full_eval and results["examples"] != expected:
-      raise TrainingError(
-          f"Evaluation scored {results['examples']} images, expected "
-          f"{expected} ({num_eval} in the eval split, {eval_corrupt.count} "
-          "skipped as corrupt); check data.num_eval_examples against the "
-          "data.")
-    return results
-
-  train_writer = eval_writer = None
-  if is_chief:
-    train_writer = tf.summary.create_file_writer(
-        os.path.join(model_dir, "train"))
-    eval_writer = tf.summary.create_file_writer(os.path.join(model_dir,
-                                                             "eval"))
-
-  def write_scalars(writer, at_step, values):
-    if writer is None:
-      return
-    with writer.as_default(step=at_step):
-      for k, v in values.items():
-        if isinstance(v, (int, float)):
-          tf.summary.scalar(k, v)
-    writer.flush()
-
-  summary = {"step": step, "train": {}, "eval": {}}
-  train_seconds, trained_steps = 0.0, 0
-  saved_step = step if restored else None
-  if mode in ("train", "train_and_eval") and step < total_steps:
-    ends = loop_ends(step, total_steps, steps_per_loop)
-    say(f"Training {config.name} ({config.method}) for {total_steps} steps "
-        f"from step {step}: {len(ends)} loops of up to {steps_per_loop} "
-        f"steps, {steps_per_execution} per execution; "
-        f"TensorBoard: tensorboard --logdir={model_dir}", flush=True)
-    guard = NonFiniteGuard()
-    if ahead and not model.lookahead_queue_filled:
-      model.fill_lookahead_queue(first_batches)
-    with PreemptionWatcher(strategy) as watcher:
-      for end in ends:
-        begin = int(model.optimizer.iterations.numpy())
-        timer = TrainTimer()
-        history = model.fit(
-            _train_input(begin + ahead, end - begin), epochs=1,
-            steps_per_epoch=end - begin,
-            callbacks=[guard, timer, watcher] + list(callbacks),
-            verbose=verbose, shuffle=False,
-            **({"input_is_ahead": True} if ahead else {}))
-        step = int(model.optimizer.iterations.numpy())
-        if guard.bad_step is not None:
-          raise TrainingError(
-              f"Non-finite loss at step {guard.bad_step}; stopped without "
-              f"saving. Last good checkpoint: "
-              f"{manager.latest_checkpoint or 'none'}.")
-        if not _all_finite(model):
-          raise TrainingError(
-              f"Non-finite weights after step {step}; stopped without saving."
-              f" Last good checkpoint: {manager.latest_checkpoint or 'none'}.")
-        if step != end and not watcher.requested:
-          raise TrainingError(
-              f"Loop ended at step {step}, expected {end}: the input window "
-              "ran short or a callback stopped training; nothing saved.")
-        train_seconds += timer.seconds
-        trained_steps += step - begin
-        if step != saved_step:
-          manager.save(checkpoint_number=step)
-          saved_step = step
-        logs = {k: float(v[-1]) for k, v in history.history.items() if v}
-        summary["train"] = logs
-        summary["step"] = step
-        ips = ((step - begin) * config.train.global_batch_size /
-               max(timer.seconds, 1e-9))
-        write_scalars(train_writer, step, dict(
-            logs, learning_rate=_learning_rate(model.optimizer, step),
-            images_per_second=ips))
-        if watcher.requested:
-          raise Preempted(
-              f"SIGTERM received: saved the checkpoint of step {step} in "
-              f"{ckpt_dir}; rerun the same command to resume.")
-        line = (f"step {step}/{total_steps}: loss={logs.get('loss', 0):.4f} "
-                f"{ips:.1f} images/s (training steps only)")
-        if mode == "train_and_eval":
-          summary["eval"] = evaluate()
-          write_scalars(eval_writer, step, summary["eval"])
-          line += (f" | eval top1={summary['eval'].get('accuracy', 0):.4f} "
-                   f"on {summary['eval']['examples']} images")
-        say(line, flush=True)
+# ------------------------------------------------------------- the finish
+def finish(session: train_session.Session, progress: Progress,
+           scalars: ScalarWriter, *, mode: str, export: bool,
+           started: float) -> Dict[str, Any]:
+  """The run's summary: an evaluation unless the last loop made one (eval
+  and train_and_eval modes), the export (train modes, chief), corrupt
+  records skipped, timings; written to model_dir/summary.json (chief)."""
+  summary = {"step": progress.step, "train": progress.train,
+             "eval": progress.eval}
   if mode == "eval" or (mode == "train_and_eval" and not summary["eval"]):
-    summary["eval"] = evaluate()
-    write_scalars(eval_writer, summary["step"], summary["eval"])
-  if export and mode != "eval" and is_chief:
-    summary["export"] = export_model(model, model_dir, image_shape)
-  skipped = corrupt.count + eval_corrupt.count
-  locations = corrupt.locations + eval_corrupt.locations
+    summary["eval"] = evaluate(session)
+    scalars.write("eval", summary["step"], summary["eval"])
+  if export and mode != "eval" and session.is_chief:
+    summary["export"] = export_model(session.model, session.model_dir,
+                                     session.data.image_shape)
+  skipped, locations = session.data.skipped_records()
   summary["corrupt_records_skipped"] = skipped
   summary["corrupt_record_locations"] = [list(l) for l in locations[:20]]
   if skipped:
     logging.warning("Skipped %d corrupt records, e.g. %s", skipped,
                     locations[:5])
-  summary["wall_seconds"] = time.perf_counter() - start
-  summary["train_seconds"] = train_seconds
+  summary["wall_seconds"] = time.perf_counter() - started
+  summary["train_seconds"] = progress.train_seconds
   summary["images_per_second"] = (
-      trained_steps * config.train.global_batch_size / train_seconds
-      if train_seconds > 0 else None)
-  if is_chief:
-    with tf.io.gfile.GFile(os.path.join(model_dir, "summary.json"), "w") as f:
+      progress.trained_steps * session.config.train.global_batch_size /
+      progress.train_seconds if progress.train_seconds > 0 else None)
+  if session.is_chief:
+    with tf.io.gfile.GFile(os.path.join(session.model_dir, "summary.json"),
+                           "w") as f:
       json.dump(summary, f, indent=2)
   return summary
 

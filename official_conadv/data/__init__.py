@@ -8,5 +8,8 @@ Datasets (name -> module, what goes where on disk):
   image_folder       image_folder.py  data_dir/{train,validation}/<class>/*.jpg
 Shared: source.py (what a dataset hands the pipeline), preprocessing.py
 (crops, AutoAugment), synthetic.py (fake TFRecords/folders for tests and
-benchmarks).
+benchmarks). The pipeline itself: registry.py (datasets by name),
+datasource.py (a config's dataset resolved once: sizes, checks, distributed
+datasets), pipeline.py (make_dataset_fn), epochs.py (which records, when),
+corrupt_records.py; input_pipeline.py re-exports their public names.
 """

@@ -15,6 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from official_conadv.data import input_pipeline as ip
+from official_conadv.data import registry
 from official_conadv.data import source as source_lib
 from official_conadv.data import synthetic
 
@@ -121,7 +122,7 @@ def test_resume_is_exact_with_augment_pairs(data_dir):
 def _counting(monkeypatch):
   """Counts the records the pipeline pulls from its source."""
   reads = tf.Variable(0, dtype=tf.int64)
-  make_source = ip.make_source
+  make_source = registry.make_source
 
   def counting_source(*args, **kwargs):
     src = make_source(*args, **kwargs)
@@ -134,7 +135,7 @@ def _counting(monkeypatch):
 
     return dataclasses.replace(src, records=records)
 
-  monkeypatch.setattr(ip, "make_source", counting_source)
+  monkeypatch.setattr(registry, "make_source", counting_source)
   return reads
 
 

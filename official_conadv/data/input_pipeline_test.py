@@ -1,6 +1,8 @@
-"""Tests for input_pipeline.py on TFRecords written by the test (CPU, offline):
-batches, sharding, corrupt records, and the padded eval pass. Resuming and
-epochs: input_pipeline_resume_test.py.
+"""Tests for the input pipeline (pipeline.py, through its entry point
+input_pipeline.py) on TFRecords written by the test (CPU, offline): batches,
+sharding, corrupt records, and the padded eval pass. Resuming and epochs:
+input_pipeline_resume_test.py; the datasets by name: registry_test.py;
+DataSource and distributed datasets: datasource_test.py.
 
 The shards use the standard ImageNet format (1-based labels); records are
 numbered across files and record n has the 0-based class n, so labels
@@ -340,28 +342,6 @@ def test_corrupt_record_default_counter_in_training(corrupt_dir):
   assert ip.corrupt_records_skipped() >= before + 1
 
 
-def test_distributed_dataset_on_two_replicas(corrupt_dir):
-  d, _ = corrupt_dir
-  strategy = distribute_utils.get_strategy("mirrored",
-                                           devices=["/cpu:0", "/cpu:1"])
-  data = types.SimpleNamespace(
-      name="imagenet_tfrecord", data_dir=d, image_size=24, autoaugment=None,
-      label_smoothing=0.1, shuffle_buffer=16, deterministic=True,
-      skip_corrupt=True)
-  counter = ip.CorruptRecordCounter()
-  dist = ip.distributed_dataset(strategy, data, split="train",
-                                is_training=True, global_batch_size=4,
-                                num_classes=1000, seed=0,
-                                corrupt_counter=counter)
-  iterator = iter(dist)
-  for _ in range(3):  # 12 images: two passes over the 5 good records.
-    images, labels = next(iterator)
-    local = strategy.experimental_local_results(images)
-    assert [t.shape.as_list() for t in local] == [[2, 24, 24, 3]] * 2
-    assert strategy.experimental_local_results(labels)[0].shape == (2, 1000)
-  assert counter.count >= 2
-
-
 def test_missing_and_empty_data_dir(tmp_path):
   missing = str(tmp_path / "nope")
   with pytest.raises(ValueError, match=r"train-00000-of-01024.*does not "
@@ -374,17 +354,6 @@ def test_missing_and_empty_data_dir(tmp_path):
   with pytest.raises(ValueError) as e:
     ip.check_data("imagenet_tfrecord", str(tmp_path))
   assert len(str(e.value).splitlines()) == 1
-
-
-def test_check_data_needs_both_splits(tmp_path):
-  d = str(tmp_path)
-  synthetic.write_imagenet_tfrecords(d, prefix="train", num_files=1,
-                                     per_file=1)
-  with pytest.raises(ValueError, match="'validation-\\*'"):
-    ip.check_data("imagenet_tfrecord", d)
-  synthetic.write_imagenet_tfrecords(d, prefix="validation", num_files=1,
-                                     per_file=1)
-  ip.check_data("imagenet_tfrecord", d)
 
 
 def test_argument_errors(data_dir):
@@ -414,69 +383,3 @@ def test_argument_errors(data_dir):
   with pytest.raises(ValueError, match="multiple of num_input_pipelines"):
     _build(data_dir, "train", tf.distribute.InputContext(2, 0, 3),
            global_batch_size=6)
-
-
-def test_num_eval_steps():
-  assert ip.num_eval_steps(50_000, 1024) == 49
-  assert ip.num_eval_steps(50_000, 1024, 4) == 49   # 12,500 <= 49 * 256.
-  assert ip.num_eval_steps(49_152, 1024) == 48      # Exactly full.
-  assert ip.num_eval_steps(10, 6, 3) == 2           # 4 <= 2 * 6 / 3.
-  assert ip.num_eval_steps(1, 8, 8) == 1
-  with pytest.raises(ValueError, match="num_examples must be > 0"):
-    ip.num_eval_steps(0, 8)
-  with pytest.raises(ValueError, match="multiple of num_input_pipelines"):
-    ip.num_eval_steps(10, 6, 4)
-
-
-def test_num_input_pipelines_of_strategies():
-  assert ip.num_input_pipelines(tf.distribute.get_strategy()) == 1
-  assert ip.num_input_pipelines() == 1
-  assert ip.num_input_pipelines(
-      tf.distribute.OneDeviceStrategy("/cpu:0")) == 1
-  mirrored = distribute_utils.get_strategy("mirrored",
-                                           devices=["/cpu:0", "/cpu:1"])
-  assert ip.num_input_pipelines(mirrored) == 1
-  # What the strategy passes to the dataset function agrees.
-  contexts = []
-
-  def dataset_fn(context):
-    contexts.append(context.num_input_pipelines)
-    return tf.data.Dataset.from_tensors(0.0).repeat()
-
-  mirrored.distribute_datasets_from_function(dataset_fn)
-  assert contexts == [ip.num_input_pipelines(mirrored)]
-  # TPU and multi-worker strategies need hardware / a cluster: check that
-  # the counts are read from their `extended` objects.
-  tpu = tf.distribute.TPUStrategy.__new__(tf.distribute.TPUStrategy)
-  tpu._extended = types.SimpleNamespace(num_hosts=4)  # pylint: disable=protected-access
-  assert ip.num_input_pipelines(tpu) == 4
-  mwms = tf.distribute.MultiWorkerMirroredStrategy.__new__(
-      tf.distribute.MultiWorkerMirroredStrategy)
-  mwms._extended = types.SimpleNamespace(_num_workers=3)  # pylint: disable=protected-access
-  assert ip.num_input_pipelines(mwms) == 3
-
-
-def test_dataset_facts(tmp_path):
-  assert ip.num_examples("imagenet_tfrecord", "train") == 1_281_167
-  assert ip.num_examples("imagenet_tfds", "validation") == 50_000
-  assert ip.num_examples("cifar10", "train") == 50_000
-  assert ip.num_examples("cifar10", "test") == 10_000
-  assert ip.num_examples("mnist", "train") == 4_000
-  assert ip.num_examples("mnist", "eval") == 1_000
-  assert ip.num_classes("imagenet_tfds") == 1000
-  assert ip.num_classes("mnist") == ip.num_classes("cifar10") == 10
-  assert ip.image_shape("mnist", 32) == (32, 32, 1)
-  assert ip.image_shape("imagenet_tfrecord", 224) == (224, 224, 3)
-
-
-def test_measure_throughput(data_dir):
-  rate = ip.measure_throughput(_build(data_dir), num_batches=3, warmup=1)
-  assert rate > 0
-  strategy = distribute_utils.get_strategy("mirrored",
-                                           devices=["/cpu:0", "/cpu:1"])
-  data = types.SimpleNamespace(name="imagenet_tfrecord", data_dir=data_dir,
-                               image_size=32)
-  dist = ip.distributed_dataset(strategy, data, split="train",
-                                is_training=True, global_batch_size=4)
-  assert ip.measure_throughput(dist, num_batches=2, warmup=1) > 0
-

@@ -29,7 +29,7 @@ A `Source` is one split of one dataset, described by three functions:
   `finish` on the uint8 image, sees exactly the image the model would see
   without it.
 
-The input pipeline (`input_pipeline.py`) adds everything common: epochs,
+The input pipeline (`pipeline.py`) adds everything common: epochs,
 shuffling, per-element seeds, AutoAugment, the corrupt-record guard,
 eval padding, batching, prefetch.
 """

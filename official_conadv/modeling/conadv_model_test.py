@@ -11,6 +11,7 @@ import keras
 import tensorflow as tf
 
 from official_conadv.adversarial import attacks
+from official_conadv.adversarial import schedules
 from official_conadv.modeling import conadv_model
 from official_conadv.modeling import dual_batch_norm
 from official_conadv.modeling import small_cnn
@@ -214,7 +215,7 @@ def test_ring_buffer_holds_the_last_tau_weights():
   # After k steps slot (k - 1) % tau holds theta_{k-1}, the other theta_{k-2}.
   for k, slot in ((steps - 1, (steps - 1) % tau), (steps - 2,
                                                    (steps - 2) % tau)):
-    for buf, want in zip(model.stale_slot(slot), history[k]):
+    for buf, want in zip(model.schedule.slot(slot), history[k]):
       np.testing.assert_array_equal(buf.numpy(), want)
   stale_names = [w.path for w in model.non_trainable_weights
                  if "stale_slot" in w.path]
@@ -314,11 +315,11 @@ def test_fit_builds_on_first_use_on_the_default_strategy(inputs):
   assert not lazy.built
   for model in (built, lazy):
     model.fit(data, verbose=0, shuffle=False)
-  assert lazy.built and len(lazy._stale_buffer) == len(built._stale_buffer)  # pylint: disable=protected-access
-  for a, b in zip(lazy.backbone.weights + lazy.stale_slot(0) +
-                  lazy.stale_slot(1),
-                  built.backbone.weights + built.stale_slot(0) +
-                  built.stale_slot(1)):
+  assert lazy.built and len(lazy.schedule.variables) == len(built.schedule.variables)
+  for a, b in zip(lazy.backbone.weights + lazy.schedule.slot(0) +
+                  lazy.schedule.slot(1),
+                  built.backbone.weights + built.schedule.slot(0) +
+                  built.schedule.slot(1)):
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
 
 
@@ -372,8 +373,8 @@ def test_save_weights_carries_the_stale_buffer(tmp_path):
   model.save_weights(path)
   other = _build(_backbone(seed=9), conadv_model.AdversaryConfig(delay=2))
   other.load_weights(path)
-  for a, b in zip(model.stale_slot(1) + model.stale_slot(0),
-                  other.stale_slot(1) + other.stale_slot(0)):
+  for a, b in zip(model.schedule.slot(1) + model.schedule.slot(0),
+                  other.schedule.slot(1) + other.schedule.slot(0)):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
@@ -456,7 +457,7 @@ def test_gradient_accumulation_staleness_counts_updates(tau):
   # After 6 updates slot 5 % tau holds theta_5 (start of micro-step 10) and
   # slot 4 % tau theta_4 (micro-step 8) for tau = 2.
   for u in range(micro_steps // n - tau, micro_steps // n):
-    for buf, want in zip(model.stale_slot(u % tau), history[u * n]):
+    for buf, want in zip(model.schedule.slot(u % tau), history[u * n]):
       np.testing.assert_array_equal(buf.numpy(), want)
   # The attacks really differ from attacks with the current weights (what a
   # buffer written every micro-step would use in N - 1 of N micro-steps).
@@ -485,7 +486,7 @@ def test_skipped_loss_scale_step_leaves_the_ring_buffer():
     np.testing.assert_array_equal(got, want)
   # Slot 0 keeps theta_1 (written after batch 1), the weights update 2 must
   # attack with; a write before the optimizer call would hold theta_2.
-  for buf, want in zip(model.stale_slot(0), history[1]):
+  for buf, want in zip(model.schedule.slot(0), history[1]):
     np.testing.assert_array_equal(buf.numpy(), want)
   assert not all(np.array_equal(a, b) for a, b in zip(history[1], current))
 
@@ -505,7 +506,7 @@ def test_keras_counter_convention_the_buffer_relies_on():
     lso.apply_gradients([(tf.constant(g), v)])
   inner = lso.inner_optimizer
   assert (int(inner._iterations), int(lso.iterations)) == (3, 1)  # pylint: disable=protected-access
-  assert conadv_model._optimizer_counter(lso) == (inner, 3)  # pylint: disable=protected-access
+  assert schedules.optimizer_counter(lso) == (inner, 3)
 
 
 # ------------------------------------------------ AutoAugment inputs

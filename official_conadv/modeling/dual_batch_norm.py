@@ -89,6 +89,22 @@ def validate_route(bn_route):
         f"a third BN set), got {bn_route!r}.")
 
 
+def route_of(variable) -> str:
+  """The BN route a variable serves: "adv" or "aug" for a variable of an
+  auxiliary BN set (under `<bn>/adv/` or `<bn>/aug/` in its path), "main"
+  for every other variable (shared ones included)."""
+  path = f"/{variable.path}/"
+  for route in AUXILIARY_ROUTES:
+    if f"/{route}/" in path:
+      return route
+  return MAIN
+
+
+def is_auxiliary(variable) -> bool:
+  """True for a variable of an auxiliary BN set (dropped by export)."""
+  return route_of(variable) != MAIN
+
+
 @contextlib.contextmanager
 def main_only():
   """Every `DualBatchNormalization` constructed inside gets adversarial=False

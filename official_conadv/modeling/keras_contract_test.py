@@ -244,10 +244,10 @@ def test_contract_as_written_equals_hand_written_loop(mode, strategy_name):
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=atol,
                                rtol=1e-5, err_msg=got.path)
   if tau:
-    assert len(model._stale_buffer) == tau * len(  # pylint: disable=protected-access
+    assert len(model.schedule.variables) == tau * len(
         backbone.trainable_variables)
     for s, want_slot in enumerate(_expected_slots(thetas, tau)):
-      for buf, want in zip(model.stale_slot(s), want_slot):
+      for buf, want in zip(model.schedule.slot(s), want_slot):
         np.testing.assert_allclose(buf.numpy(), want, atol=atol, rtol=1e-5,
                                    err_msg=f"slot {s}")
   # The weights really moved (so equality is not trivially theta_0).
@@ -341,7 +341,8 @@ def _structure(model):
   optimizer = model.optimizer
   return {
       "variables": [v.path for v in model.variables],
-      "stale_buffer": len(model._stale_buffer),  # pylint: disable=protected-access
+      "stale_buffer": (len(model.schedule.variables) if model.schedule
+                       else 0),
       "optimizer": ([v.path for v in optimizer.variables]
                     if optimizer.built else None),
   }
@@ -422,9 +423,9 @@ def test_checkpoint_of_default_run_restores_into_mirrored_first_evaluate(
   status = tf.train.Checkpoint(model=target,
                                optimizer=target.optimizer).read(path)
   status.assert_consumed()
-  pairs = list(zip(source.backbone.weights + source._stale_buffer  # pylint: disable=protected-access
+  pairs = list(zip(source.backbone.weights + source.schedule.variables
                    + source.optimizer.variables,
-                   target.backbone.weights + target._stale_buffer  # pylint: disable=protected-access
+                   target.backbone.weights + target.schedule.variables
                    + target.optimizer.variables))
   assert len(pairs) == 11 + 2 * 7 + 9
   for a, b in pairs:
@@ -595,7 +596,7 @@ def test_model_made_in_mirrored_scope_first_called_outside_any_scope():
   assert not tf.distribute.has_strategy()
   logits = model(x)
   assert tuple(logits.shape) == (len(x), SMALL_CLASSES)
-  assert len(model._stale_buffer) == 7  # pylint: disable=protected-access
+  assert len(model.schedule.variables) == 7
   for v in model.variables:
     assert strategy.extended.variable_created_in_scope(v.value), v.path
     assert len(v.value.values) == 2, v.path

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from official_conadv.modeling import conadv_model
 from official_conadv.modeling import conadv_model_test as cmt
+from official_conadv.modeling import keras_compat
 from official_conadv.testing import strategies
 
 STEPS = 7  # >= 2 * tau + 3 for tau = 1, 2.
@@ -68,12 +69,12 @@ def test_lookahead_equals_delayed(strategy_name, tau):
   delayed, lookahead = results["delayed"][0], results["lookahead"][0]
   assert _max_difference(results["delayed"][1], results["lookahead"][1]) == 0
   per_replica = 8 // delayed.distribute_strategy.num_replicas_in_sync
-  assert len(delayed._stale_buffer) == tau * len(  # pylint: disable=protected-access
+  assert len(delayed.schedule.variables) == tau * len(
       delayed.backbone.trainable_variables)
-  assert not lookahead._stale_buffer  # pylint: disable=protected-access
-  assert len(lookahead._queue) == 3 * tau  # pylint: disable=protected-access
-  assert tuple(lookahead.queue_slot(0)[0].shape) == (per_replica,) + cmt.SHAPE
-  assert tuple(lookahead.queue_slot(0)[2].shape) == (per_replica,)
+  assert not hasattr(lookahead.schedule, "buffer")  # No weight copies.
+  assert len(lookahead.schedule.variables) == 3 * tau
+  assert tuple(lookahead.schedule.slot(0)[0].shape) == (per_replica,) + cmt.SHAPE
+  assert tuple(lookahead.schedule.slot(0)[2].shape) == (per_replica,)
 
 
 @pytest.mark.parametrize("tau", [1, 2])
@@ -144,7 +145,7 @@ def test_fit_calls_and_restore_continue_exactly(strategy_name, tau,
     restored.optimizer.build(restored.trainable_variables)
   tf.train.Checkpoint(model=restored, optimizer=restored.optimizer).restore(
       path)
-  assert int(restored._queue_ready.numpy()) == 1  # pylint: disable=protected-access
+  assert int(restored.schedule.ready.numpy()) == 1
   restored.fit(ds, epochs=1, verbose=0)
   assert _max_difference(_weights(want), _weights(restored)) == 0
 
@@ -164,7 +165,7 @@ def _per_replica_stream(strategy, x, y, start, steps):
 
 @pytest.mark.parametrize("strategy_name", ["default", "mirrored"])
 def test_stream_fed_ahead_equals_fit(strategy_name):
-  """The trainer's way: `fill_lookahead_queue` with batches 0..tau-1, then
+  """The trainer's way: `schedule.fill` with batches 0..tau-1, then
   loops of `fit(stream from begin + tau, input_is_ahead=True)` over
   distributed datasets, split 3 + 6 + 5 steps: the same weights as one
   `fit` of the dataset for 2 epochs (tau 2, loops cross the epoch)."""
@@ -174,9 +175,9 @@ def test_stream_fed_ahead_equals_fit(strategy_name):
   want.fit(_dataset(x, y), epochs=2, verbose=0)
   model = _model(strategy_name, tau, "lookahead")
   strategy = model.distribute_strategy
-  assert not model.lookahead_queue_filled
-  model.fill_lookahead_queue(_per_replica_stream(strategy, x, y, 0, tau))
-  assert model.lookahead_queue_filled
+  assert not model.schedule.filled
+  model.schedule.fill(_per_replica_stream(strategy, x, y, 0, tau))
+  assert model.schedule.filled
   for begin, end in ((0, 3), (3, 9), (9, 14)):
     model.fit(_per_replica_stream(strategy, x, y, begin + tau, end - begin),
               steps_per_epoch=end - begin, verbose=0, input_is_ahead=True)
@@ -193,10 +194,9 @@ def test_input_is_ahead_errors():
   delayed = _model("default", 1, "delayed")
   with pytest.raises(ValueError, match="input_is_ahead=True is for"):
     delayed.fit(_dataset(x, y), verbose=0, input_is_ahead=True)
-  with pytest.raises(ValueError, match="fill_lookahead_queue is for"):
-    delayed.fill_lookahead_queue(_dataset(x, y))
+  assert not hasattr(delayed.schedule, "fill")  # Nothing to fill.
   with pytest.raises(ValueError, match="needs at least tau=2"):
-    _model("default", 2, "lookahead").fill_lookahead_queue(
+    _model("default", 2, "lookahead").schedule.fill(
         _dataset(x, y).take(1))
 
 
@@ -209,19 +209,20 @@ def test_restore_without_this_workers_slots_is_refused(monkeypatch,
   x, y = cmt._data(STEPS)  # pylint: disable=protected-access
   saved = _model("default", 1, "lookahead")
   saved.fit(_dataset(x, y), epochs=1, verbose=0)
-  names = [name for name, _ in saved._queue_components()]  # pylint: disable=protected-access
+  names = [name for name in saved.schedule.checkpoint_children()
+           if name.startswith("lookahead_queue/")]
   assert names == [f"lookahead_queue/{i}/replica0" for i in range(3)]
   path = tf.train.Checkpoint(model=saved).save(str(tmp_path / "ckpt"))
 
-  monkeypatch.setattr(conadv_model, "_worker_index", lambda strategy: 1)
+  monkeypatch.setattr(keras_compat, "worker_index", lambda strategy: 1)
   other = _model("default", 1, "lookahead")
   other.build((None,) + cmt.SHAPE)
   tf.train.Checkpoint(model=other).restore(path).expect_partial()
-  assert other.lookahead_queue_filled
+  assert other.schedule.filled
   with pytest.raises(ValueError, match="replica1.*its own checkpoint"):
     other.fit(_dataset(x, y), verbose=0)
   assert int(other.optimizer.iterations.numpy()) == STEPS  # No step ran.
-  monkeypatch.setattr(conadv_model, "_worker_index", lambda strategy: 0)
+  monkeypatch.setattr(keras_compat, "worker_index", lambda strategy: 0)
   same = _model("default", 1, "lookahead")
   same.build((None,) + cmt.SHAPE)
   tf.train.Checkpoint(model=same).restore(path).expect_partial()
@@ -232,10 +233,21 @@ def test_lookahead_input_errors():
   x, y = cmt._data(2)  # pylint: disable=protected-access
   model = _model("default", 1, "lookahead")
   with pytest.raises(ValueError, match="batched tf.data.Dataset"):
-    model.fit(x, y, batch_size=8, verbose=0)
-  ragged = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
-  with pytest.raises(ValueError, match="drop_remainder=True"):
-    model.fit(ragged, verbose=0)
+    model.fit(list(x), verbose=0)
+  with pytest.raises(ValueError, match="not a multiple of batch_size=8"):
+    model.fit(x[:12], y[:12], batch_size=8, verbose=0)
+  # A short batch later in the stream: refused when it is read, in one line
+  # naming the step and the sizes; the step trains nothing (Keras' counter
+  # increment does not wait for the data, so TF may still count it: the
+  # trainer saves nothing after an error).
+  short = tf.data.Dataset.from_tensor_slices((x[:12], y[:12])).batch(8)
+  model.build((None,) + cmt.SHAPE)
+  before = _weights(model)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"keeps full batches of\] \[8\] \[examples; the "
+                     r"batch read at step\] \[0\] .* has\] \[4\]"):
+    model.fit(short, verbose=0)
+  assert _max_difference(before, _weights(model)) == 0
   with pytest.raises(ValueError, match="augmented_route='aug'"):
     conadv_model.ConAdvModel(cmt._backbone(augmented=True),  # pylint: disable=protected-access
                              adversary=_adversary(1, "lookahead"),
@@ -246,6 +258,48 @@ def test_lookahead_input_errors():
   fresh.build((None,) + cmt.SHAPE)
   with pytest.raises(ValueError, match="the example queue is empty"):
     fresh.train_on_batch(x[:8], y[:8])
+
+
+def test_lookahead_takes_what_delayed_takes():
+  """A dataset batched without drop_remainder (batch dimension unknown,
+  every batch full), repeated, and numpy arrays through
+  fit(x, y, batch_size): lookahead trains exactly as delayed (shuffle=False
+  gives both the same order)."""
+  x, y = cmt._data(STEPS)  # pylint: disable=protected-access
+  repeated = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+  assert repeated.element_spec[0].shape[0] is None
+  feeds = {
+      "dataset": lambda m: m.fit(repeated, steps_per_epoch=STEPS, epochs=2,
+                                 verbose=0),
+      "numpy": lambda m: m.fit(x, y, batch_size=8, epochs=2, shuffle=False,
+                               verbose=0),
+  }
+  for name, feed in feeds.items():
+    weights = {}
+    for schedule in conadv_model.SCHEDULES:
+      model = _model("default", 2, schedule)
+      feed(model)
+      assert int(model.optimizer.iterations.numpy()) == 2 * STEPS, name
+      weights[schedule] = _weights(model)
+    assert _max_difference(weights["delayed"], weights["lookahead"]) == 0, (
+        name)
+
+
+def test_lookahead_numpy_shuffle_continues_across_fit_calls():
+  """Numpy inputs shuffled per epoch (stateless seeds): two fit calls of
+  one epoch equal one fit of two epochs, and the order is not the
+  unshuffled one."""
+  x, y = cmt._data(STEPS)  # pylint: disable=protected-access
+  once = _model("default", 2, "lookahead")
+  once.fit(x, y, batch_size=8, epochs=2, verbose=0)
+  twice = _model("default", 2, "lookahead")
+  twice.fit(x, y, batch_size=8, epochs=1, verbose=0)
+  twice.fit(x, y, batch_size=8, epochs=1, verbose=0)
+  assert int(twice.optimizer.iterations.numpy()) == 2 * STEPS
+  assert _max_difference(_weights(once), _weights(twice)) == 0
+  ordered = _model("default", 2, "lookahead")
+  ordered.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+  assert _max_difference(_weights(once), _weights(ordered)) > 1e-4
 
 
 @pytest.mark.parametrize("options", [

@@ -212,7 +212,7 @@ def _check_mixed(model, kind, compute_dtype):
                  if not _is_float32(v) and _is_floating(v)]
   assert not not_float32
   if model.adversary is not None and model.delay:
-    assert all(_is_float32(v) for v in model.stale_slot(0))
+    assert all(_is_float32(v) for v in model.schedule.slot(0))
   x, y = _data()
   logits = model(x[:BATCH], training=False)
   assert keras.backend.standardize_dtype(logits.dtype) == "float32"

@@ -116,7 +116,7 @@ def state(model):
   out = {}
   for i, v in enumerate(model.backbone.weights):
     out[f"backbone/{i:03d}"] = v.numpy()
-  for i, v in enumerate(model.stale_slot(0)):
+  for i, v in enumerate(model.schedule.slot(0)):
     out[f"stale0/{i:03d}"] = v.numpy()
   for i, v in enumerate(model.optimizer.variables):
     out[f"optimizer/{i:03d}"] = np.asarray(v.numpy())
