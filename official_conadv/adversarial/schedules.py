@@ -588,7 +588,10 @@ class Lookahead(Schedule):
 
   def _start(self, data):
     """Fills the queue from `data` on the first `fit`, or (restored) makes
-    it from the shape of `data`'s first batch."""
+    it from the shape of `data`'s first batch. Builds the model first: a
+    checkpoint restored into an unbuilt model sets the filled flag only
+    when the flag is made."""
+    self._model.symbolic_build(data.element_spec)
     if not self.filled:
       self.fill(data)
     else:

@@ -446,8 +446,6 @@ class ConAdvModel(keras_compat.ModelWorkarounds, keras.Model):
     if args:
       raise ValueError("schedule='lookahead': pass fit's arguments after "
                        "batch_size by keyword.")
-    if isinstance(x, tf.data.Dataset):
-      self._maybe_symbolic_build(data_batch=x.element_spec)
     position = (int(schedules.micro_step(self.optimizer).numpy())
                 if getattr(self, "optimizer", None) is not None else 0)
     stream, steps_per_epoch = self.schedule.stream(
