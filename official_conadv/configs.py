@@ -238,6 +238,7 @@ class ExperimentConfig:
       raise ValueError("runtime.mixed_precision must be null, "
                        "'mixed_bfloat16', 'mixed_float16' or 'float32', got "
                        f"{self.runtime.mixed_precision!r}.")
+    _check_int_range(self, "")
     if a.enabled:
       a.to_model()  # Every rule of the adversary and its schedule.
       schedules.check_inputs(a.to_model(), paired=d.autoaugment is not None,
@@ -246,6 +247,24 @@ class ExperimentConfig:
       raise ValueError(f"adversary.schedule must be one of "
                        f"{schedules.SCHEDULES}, got {a.schedule!r}.")
     return self
+
+
+# Every integer of a config must fit in int32: TensorFlow's shapes, step
+# seeds and stateless random seeds hold them as int32, so a larger value
+# (train.global_batch_size=1e11 or 1e100) would fail deep inside a reshape or
+# with an OverflowError after the run has started.
+INT_LIMIT = 2**31 - 1
+
+
+def _check_int_range(config, prefix):
+  for field in dataclasses.fields(config):
+    value, name = getattr(config, field.name), prefix + field.name
+    if dataclasses.is_dataclass(value):
+      _check_int_range(value, name + ".")
+    elif (isinstance(value, int) and not isinstance(value, bool) and
+          abs(value) > INT_LIMIT):
+      raise ValueError(f"{name}={value} does not fit in int32 (at most "
+                       f"{INT_LIMIT:,} in magnitude).")
 
 
 def _positive(name, value):
@@ -276,6 +295,15 @@ def _from_dict(cls, d, prefix):
 
 def _parse_value(text: str, hint, key: str):
   """Parses an override's text for a field annotated with `hint`."""
+  value = _parse_text(text, hint, key)
+  if (isinstance(value, int) and not isinstance(value, bool) and
+      abs(value) > INT_LIMIT):
+    raise ValueError(f"{key}={text} does not fit in int32 (at most "
+                     f"{INT_LIMIT:,} in magnitude).")
+  return value
+
+
+def _parse_text(text: str, hint, key: str):
   optional = False
   if typing.get_origin(hint) is typing.Union:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -290,7 +318,10 @@ def _parse_value(text: str, hint, key: str):
         raise ValueError
       return lowered in ("true", "1")
     if hint is int:
-      value = float(text)
+      try:
+        return int(text)  # Exact, also beyond float's 53 bits.
+      except ValueError:
+        value = float(text)  # "1e3"; int() refuses inf and nan.
       if value != int(value):
         raise ValueError
       return int(value)

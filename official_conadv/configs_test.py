@@ -142,3 +142,23 @@ def test_total_steps():
   c = experiments.get("imagenet_resnet50_lars_4k")
   assert c.total_steps(1_281_167) == 28_151  # ceil(90 * 1281167 / 4096) = ceil(28150.6)
   assert experiments.get("imagenet_resnet50_lars_96k").total_steps(1) == 1301
+
+
+def test_integers_must_fit_in_int32():
+  """Overrides are parsed exactly (not through a float) and bounded; a
+  config from JSON is bounded by validate."""
+  base = experiments.get("mnist_smoke")
+  assert configs.override(base, "train.seed=2147483647").train.seed == (
+      2**31 - 1)
+  assert configs.override(base, "train.seed=-2147483647").train.seed == (
+      -(2**31 - 1))
+  with pytest.raises(ValueError, match=r"^train.seed=2147483648 does not "
+                     r"fit in int32 \(at most 2,147,483,647 in magnitude\)"):
+    configs.override(base, "train.seed=2147483648")
+  with pytest.raises(ValueError, match="Bad value 'inf' for train.seed"):
+    configs.override(base, "train.seed=inf")
+  d = base.to_dict()
+  d["train"]["eval_batch_size"] = 2**40
+  with pytest.raises(ValueError, match=r"^train.eval_batch_size=1099511627776 "
+                     "does not fit in int32"):
+    configs.ExperimentConfig.from_dict(d).validate()

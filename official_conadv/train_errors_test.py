@@ -268,3 +268,30 @@ def test_cli_data_dir_under_a_file(tmp_path):
                          "is a file, not a directory; image_folder needs a "
                          "directory: put one sub-folder per class"), line
   assert _snapshot(model_dir) == before
+
+
+# ----------------------------------------------------------- sizes
+@pytest.mark.parametrize("override, want", [
+    # 4,000 training digits: not one full batch.
+    ("train.global_batch_size=8000",
+     "error: train.global_batch_size=8,000 is larger than the training split "
+     "(4,000 examples of data.name='mnist'): not one full batch."),
+    # Before: "Training ... for 1 steps", then a failing reshape.
+    ("train.global_batch_size=100000000000",
+     "error: train.global_batch_size=100000000000 does not fit in int32 (at "
+     "most 2,147,483,647 in magnitude)."),
+    # Before: an OverflowError traceback.
+    ("train.global_batch_size=1e100",
+     "error: train.global_batch_size=1e100 does not fit in int32 (at "
+     "most 2,147,483,647 in magnitude)."),
+    ("train.seed=-3000000000",
+     "error: train.seed=-3000000000 does not fit in int32 (at most "
+     "2,147,483,647 in magnitude)."),
+])
+def test_sizes_are_one_line_before_anything_is_written(override, want,
+                                                       tmp_path, capsys):
+  model_dir = tmp_path / "run"
+  code, lines = _main(["--experiment=mnist_smoke", f"--model_dir={model_dir}",
+                       f"--params_override={override}"], capsys)
+  assert (code, lines) == (2, [want])
+  assert not model_dir.exists()

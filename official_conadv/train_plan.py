@@ -114,6 +114,12 @@ def make_plan(config: configs.ExperimentConfig, num_train: int,
   a strategy with `strategy`'s facts. ValueError if the eval batch does not
   split over the input pipelines."""
   train = config.train
+  if train.global_batch_size > num_train:
+    # Training batches are whole (drop_remainder): none can be made.
+    raise ValueError(
+        f"train.global_batch_size={train.global_batch_size:,} is larger than "
+        f"the training split ({num_train:,} examples of "
+        f"data.name={config.data.name!r}): not one full batch.")
   total_steps = config.total_steps(num_train)
   # The eval pipeline always holds one whole padded pass; train.eval_steps
   # (a quick partial evaluation) only scores its first batches.

@@ -110,3 +110,13 @@ def test_strategy_facts():
                                            devices=["/cpu:0", "/cpu:1"])
   assert train_plan.StrategyFacts.of(mirrored) == MIRRORED
   assert train_plan.steps_per_execution_for(mirrored, 8) == 1
+
+
+def test_a_global_batch_larger_than_the_training_split_is_refused():
+  config = _config("train.global_batch_size=4001")
+  with pytest.raises(ValueError, match=r"^train.global_batch_size=4,001 is "
+                     r"larger than the training split \(4,000 examples"):
+    train_plan.make_plan(config, num_train=4000, num_eval=1000)
+  plan = train_plan.make_plan(_config("train.global_batch_size=4000"),
+                              num_train=4000, num_eval=1000)
+  assert plan.steps_per_epoch == 1
