@@ -104,6 +104,10 @@ class OptimizerConfig:
   weight_decay: float = 5e-5
   eeta: float = 0.001
   nesterov: bool = False
+  # Exponential moving average of the weights (optimization/ema.py): None =
+  # off; m in (0, 1): evaluation and export use the average, training the raw
+  # weights. Summary/TensorBoard: `eval` (average) and `eval_raw`.
+  ema_momentum: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -210,6 +214,9 @@ class ExperimentConfig:
     if o.learning_rate < 0 or o.warmup_epochs < 0 or o.weight_decay < 0:
       raise ValueError("optimizer.learning_rate, warmup_epochs and "
                        "weight_decay must be >= 0.")
+    if o.ema_momentum is not None and not 0.0 < o.ema_momentum < 1.0:
+      raise ValueError("optimizer.ema_momentum must be null (no weight "
+                       f"average) or in (0, 1), got {o.ema_momentum}.")
     if self.model.augmented_route not in ("main", "aug"):
       raise ValueError(f"model.augmented_route must be 'main' or 'aug', got "
                        f"{self.model.augmented_route!r}.")

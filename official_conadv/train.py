@@ -136,9 +136,14 @@ def main(argv):
 
   ev = summary.get("eval", {})
   ips = summary.get("images_per_second")
+  # With a weight average (optimizer.ema_momentum) top1/top5 are the
+  # average's, top1_raw the raw weights'.
+  raw = summary.get("eval_raw")
+  raw_part = ("" if raw is None else
+              f"top1_raw={raw.get('accuracy', float('nan')):.4f} ")
   print(f"FINAL experiment={FLAGS.experiment} step={summary['step']} "
         f"top1={ev.get('accuracy', float('nan')):.4f} "
-        f"top5={ev.get('top5', float('nan')):.4f} "
+        f"top5={ev.get('top5', float('nan')):.4f} {raw_part}"
         f"examples={ev.get('examples', 0)} "
         f"wall_s={summary['wall_seconds']:.1f} "
         f"images_per_s={ips if ips is None else round(ips, 1)} "

@@ -62,6 +62,7 @@ from official_conadv import train_session
 from official_conadv.data import input_pipeline
 from official_conadv.data import source as source_lib
 from official_conadv.modeling import conadv_model
+from official_conadv.optimization import ema
 
 
 CONFIG_FILE = "config.json"
@@ -245,11 +246,24 @@ def check_and_write_config(config: configs.ExperimentConfig, model_dir: str,
 
 
 # ------------------------------------------------------------ evaluation
+def evaluations(session: train_session.Session):
+  """(eval, eval_raw): with a weight average (optimizer.ema_momentum), the
+  evaluation of the averaged weights and of the raw ones; without, the
+  evaluation of the weights and None. The raw weights are back afterwards,
+  bit for bit (`ema.averaged_weights`)."""
+  if not ema.enabled(session.model.optimizer):
+    return evaluate(session), None
+  with ema.averaged_weights(session.model):
+    averaged = evaluate(session)
+  return averaged, evaluate(session)
+
+
 def evaluate(session: train_session.Session) -> Dict[str, Any]:
-  """The session model's metrics on `plan.eval_steps` batches of the eval
-  pass (all of them unless train.eval_steps is smaller); `examples` =
-  images scored. A full evaluation must score every image of the split
-  once (TrainingError otherwise)."""
+  """The session model's metrics, with its current weights, on
+  `plan.eval_steps` batches of the eval pass (all of them unless
+  train.eval_steps is smaller); `examples` = images scored. A full
+  evaluation must score every image of the split once (TrainingError
+  otherwise)."""
   plan = session.plan
   results = session.model.evaluate(session.eval_dataset(),
                                    steps=plan.eval_steps, verbose=0,
@@ -351,21 +365,25 @@ class PreemptionWatcher(keras.callbacks.Callback):
 
 # ------------------------------------------------------------ the loops
 class ScalarWriter:
-  """TensorBoard scalars in model_dir/train and model_dir/eval (the chief's;
-  elsewhere `write` does nothing)."""
+  """TensorBoard scalars in model_dir/<kind> (the chief's; elsewhere `write`
+  does nothing): train, eval and, with a weight average, eval_raw."""
+
+  KINDS = ("train", "eval", "eval_raw")
 
   def __init__(self, model_dir: str, enabled: bool):
+    self._model_dir, self._enabled = model_dir, enabled
     self._writers = {}
-    if enabled:
-      for kind in ("train", "eval"):
-        self._writers[kind] = tf.summary.create_file_writer(
-            os.path.join(model_dir, kind))
 
   def write(self, kind: str, step: int, values: Dict[str, Any]):
-    """The numbers among `values` at `step` in `kind` ("train" or "eval")."""
+    """The numbers among `values` at `step` in `kind` (one of KINDS)."""
+    if kind not in self.KINDS:
+      raise ValueError(f"Unknown scalar kind {kind!r}; valid: {self.KINDS}.")
+    if not self._enabled:
+      return
     writer = self._writers.get(kind)
     if writer is None:
-      return
+      writer = self._writers[kind] = tf.summary.create_file_writer(
+          os.path.join(self._model_dir, kind))
     with writer.as_default(step=step):
       for k, v in values.items():
         if isinstance(v, (int, float)):
@@ -375,11 +393,14 @@ class ScalarWriter:
 
 @dataclasses.dataclass
 class Progress:
-  """Where training got to: the summary's step, last `train` logs and
-  `eval` metrics, and the time spent in training steps."""
+  """Where training got to: the summary's step, last `train` logs, `eval`
+  metrics (of the weight average when there is one) and `eval_raw` (of the
+  raw weights; None without an average), and the time spent in training
+  steps."""
   step: int
   train: Dict[str, float] = dataclasses.field(default_factory=dict)
   eval: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  eval_raw: Optional[Dict[str, Any]] = None
   train_seconds: float = 0.0
   trained_steps: int = 0
 
@@ -426,11 +447,14 @@ def train(session: train_session.Session, scalars: ScalarWriter, *,
   with PreemptionWatcher(session.strategy) as watcher:
     for end in ends:
       begin, timer = session.step, TrainTimer()
-      history = model.fit(
-          session.train_window(begin + session.input_offset, end - begin),
-          epochs=1, steps_per_epoch=end - begin,
-          callbacks=[guard, timer, watcher] + list(callbacks),
-          verbose=verbose, shuffle=False, **session.fit_kwargs())
+      # Loops continue from the raw weights (no end-of-fit overwrite with
+      # the weight average).
+      with ema.keep_raw_weights(model.optimizer):
+        history = model.fit(
+            session.train_window(begin + session.input_offset, end - begin),
+            epochs=1, steps_per_epoch=end - begin,
+            callbacks=[guard, timer, watcher] + list(callbacks),
+            verbose=verbose, shuffle=False, **session.fit_kwargs())
       step = session.step
       _check_loop(session, guard, step, end, preempted=watcher.requested)
       progress.train_seconds += timer.seconds
@@ -454,12 +478,21 @@ def train(session: train_session.Session, scalars: ScalarWriter, *,
               f"loss={progress.train.get('loss', 0):.4f} "
               f"{ips:.1f} images/s (training steps only)")
       if evaluate_each_loop:
-        progress.eval = evaluate(session)
-        scalars.write("eval", step, progress.eval)
+        progress.eval, progress.eval_raw = evaluations(session)
+        _write_evaluations(scalars, step, progress.eval, progress.eval_raw)
         line += (f" | eval top1={progress.eval.get('accuracy', 0):.4f} "
                  f"on {progress.eval['examples']} images")
+        if progress.eval_raw is not None:
+          line += (" (weight average; raw weights "
+                   f"{progress.eval_raw.get('accuracy', 0):.4f})")
       say(line, flush=True)
   return progress
+
+
+def _write_evaluations(scalars, step, averaged, raw):
+  scalars.write("eval", step, averaged)
+  if raw is not None:
+    scalars.write("eval_raw", step, raw)
 
 
 def _all_finite(model) -> bool:
@@ -482,15 +515,22 @@ def finish(session: train_session.Session, progress: Progress,
            started: float) -> Dict[str, Any]:
   """The run's summary: an evaluation unless the last loop made one (eval
   and train_and_eval modes), the export (train modes, chief), corrupt
-  records skipped, timings; written to model_dir/summary.json (chief)."""
+  records skipped, timings; written to model_dir/summary.json (chief).
+  With a weight average, `eval` and the export are the average's and
+  `eval_raw` is the raw weights' evaluation."""
   summary = {"step": progress.step, "train": progress.train,
              "eval": progress.eval}
+  if progress.eval_raw is not None:
+    summary["eval_raw"] = progress.eval_raw
   if mode == "eval" or (mode == "train_and_eval" and not summary["eval"]):
-    summary["eval"] = evaluate(session)
-    scalars.write("eval", summary["step"], summary["eval"])
+    summary["eval"], raw = evaluations(session)
+    if raw is not None:
+      summary["eval_raw"] = raw
+    _write_evaluations(scalars, summary["step"], summary["eval"], raw)
   if export and mode != "eval" and session.is_chief:
-    summary["export"] = export_model(session.model, session.model_dir,
-                                     session.data.image_shape)
+    with ema.averaged_weights(session.model):
+      summary["export"] = export_model(session.model, session.model_dir,
+                                       session.data.image_shape)
   skipped, locations = session.data.skipped_records()
   summary["corrupt_records_skipped"] = skipped
   summary["corrupt_record_locations"] = [list(l) for l in locations[:20]]

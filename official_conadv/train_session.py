@@ -31,6 +31,7 @@ from official_conadv.data import input_pipeline
 from official_conadv.modeling import backbones
 from official_conadv.modeling import conadv_model
 from official_conadv.modeling import keras_compat
+from official_conadv.optimization import ema
 from official_conadv.optimization import lars
 from official_conadv.optimization import lr_schedules
 
@@ -56,10 +57,20 @@ def build_optimizer(c: configs.OptimizerConfig, total_steps: int,
       warmup_steps=warmup, end_learning_rate=min(c.end_learning_rate,
                                                  c.learning_rate),
       power=c.power)
+  # Keras' weight average with the recipe's warmup (optimization/ema.py);
+  # without it the optimizer's variables, and so the checkpoints, are those
+  # of earlier versions.
+  average = ({} if c.ema_momentum is None else
+             {"use_ema": True, "ema_momentum": c.ema_momentum,
+              "ema_warmup": True})
   if c.name == "lars":
     optimizer = lars.LARS(learning_rate=schedule, momentum=c.momentum,
                           weight_decay_rate=c.weight_decay, eeta=c.eeta,
-                          nesterov=c.nesterov)
+                          nesterov=c.nesterov, **average)
+  elif average:
+    optimizer = ema.SGD(learning_rate=schedule, momentum=c.momentum,
+                        nesterov=c.nesterov,
+                        weight_decay=c.weight_decay or None, **average)
   else:
     optimizer = keras.optimizers.SGD(learning_rate=schedule,
                                      momentum=c.momentum, nesterov=c.nesterov,

@@ -86,6 +86,7 @@ from official_conadv.adversarial import attacks
 from official_conadv.adversarial import schedules
 from official_conadv.modeling import dual_batch_norm
 from official_conadv.modeling import keras_compat
+from official_conadv.modeling import replica_statistics
 
 MAIN = dual_batch_norm.MAIN
 ADV = dual_batch_norm.ADV
@@ -437,7 +438,15 @@ class ConAdvModel(keras_compat.ModelWorkarounds, keras.Model):
     dataset) already yields batch t + tau at step t, and the queue already
     holds batches t..t+tau-1 (`model.schedule.fill`, or restored with the
     step count from a checkpoint). The CLI trainer feeds it so.
+
+    Under several replicas the BN moving statistics are averaged over the
+    replicas at the end of every epoch (before the callbacks given here see
+    it) and of the call: see `sync_moving_statistics`.
     """
+    if len(args) > 2:  # fit(x, y, batch_size, epochs, verbose, callbacks..)
+      args = args[:2] + (_with_sync_callback(args[2], self),) + args[3:]
+    else:
+      kwargs["callbacks"] = _with_sync_callback(kwargs.get("callbacks"), self)
     if not (self.schedule is not None and self.schedule.input_offset):
       if input_is_ahead:
         raise ValueError("input_is_ahead=True is for schedule='lookahead' "
@@ -454,6 +463,32 @@ class ConAdvModel(keras_compat.ModelWorkarounds, keras.Model):
     if steps_per_epoch and kwargs.get("steps_per_epoch") is None:
       kwargs["steps_per_epoch"] = steps_per_epoch
     return super().fit(stream, None, None, shuffle=False, **kwargs)
+
+  # ------------------------------------------------- replicas, evaluation
+  def sync_moving_statistics(self):
+    """Sets every replica's BN moving statistics (all routes) to their mean
+    over the replicas; returns how many variables were averaged (0 with one
+    replica). See `official_conadv.modeling.replica_statistics`.
+
+    `fit` (every epoch end and its end), `evaluate` and `predict` call it,
+    so evaluation, checkpoints and the export after them see one set of
+    statistics on every strategy. Call it yourself after `train_on_batch`
+    or before saving in the middle of an epoch; under
+    MultiWorkerMirroredStrategy on every worker (it is a collective).
+    """
+    return replica_statistics.sync(self)
+
+  def evaluate(self, *args, **kwargs):
+    """`keras.Model.evaluate` (logs: see the class docstring), after
+    `sync_moving_statistics`."""
+    self.sync_moving_statistics()
+    return super().evaluate(*args, **kwargs)
+
+  def predict(self, *args, **kwargs):
+    """`keras.Model.predict` (main BN route), after
+    `sync_moving_statistics`."""
+    self.sync_moving_statistics()
+    return super().predict(*args, **kwargs)
 
   # ---------------------------------------------------------------- export
   def inference_model(self):
@@ -476,6 +511,23 @@ class ConAdvModel(keras_compat.ModelWorkarounds, keras.Model):
     config["backbone"] = keras.saving.deserialize_keras_object(
         config["backbone"])
     return cls(**config)
+
+
+def _with_sync_callback(callbacks, model):
+  """`callbacks` (None, a list or a CallbackList) with a
+  `replica_statistics.SyncCallback` first."""
+  if isinstance(callbacks, keras.callbacks.CallbackList):
+    if not any(isinstance(c, replica_statistics.SyncCallback)
+               for c in callbacks.callbacks):
+      callback = replica_statistics.SyncCallback()
+      callback.set_model(model)
+      callbacks.callbacks.insert(0, callback)
+    return callbacks
+  callbacks = list(callbacks or [])
+  if not any(isinstance(c, replica_statistics.SyncCallback)
+             for c in callbacks):
+    callbacks.insert(0, replica_statistics.SyncCallback())
+  return callbacks
 
 
 def _plain(x):

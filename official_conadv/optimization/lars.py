@@ -95,6 +95,8 @@ import keras
 from keras import ops
 import tensorflow as tf
 
+from official_conadv.optimization import ema
+
 # Every normalization scale/offset and every bias, by the leaf of the path.
 DEFAULT_EXCLUDE: Tuple[str, ...] = (r"(^|/)(gamma|beta|bias)$",)
 
@@ -135,7 +137,7 @@ def _variable_path(variable) -> str:
 
 
 @keras.saving.register_keras_serializable(package="official_conadv")
-class LARS(keras.optimizers.Optimizer):
+class LARS(ema.AverageWarmup, keras.optimizers.Optimizer):
   """Layer-wise Adaptive Rate Scaling with momentum and L2 weight decay.
 
   See the module docstring for the update equations, the default exclusions
