@@ -56,6 +56,9 @@ def test_efficientnet_row_matches_the_documented_table(name):
               "lars", lr, warmup, momentum, wd, power, end, 0.001)
   assert (lr, warmup) == _lars_util_rule(size)
   assert (momentum, wd, power, end, epochs) == (0.9, 1e-5, 2.0, 1e-4, 350)
+  # The recipe's weight average (main.py moving_average_decay), documented.
+  assert o.ema_momentum == 0.9999
+  assert "moving_average_decay" in experiments.describe(name)
   # Loop shape: one loop = one epoch, min(epoch, 100) steps per call.
   per_epoch = 1_281_167 // size
   assert c.train.global_batch_size == size
@@ -110,3 +113,10 @@ def test_efficientnet_b0_backbone_builds_at_a_small_size():
     logits = backbone(images, training=False, bn_route=route)
     assert tuple(logits.shape) == (2, 1000)
     assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_resnet_rows_keep_no_weight_average():
+  resnet = [n for n in experiments.names() if n.startswith("imagenet_resnet50")]
+  assert resnet
+  for name in resnet:
+    assert experiments.get(name).optimizer.ema_momentum is None, name

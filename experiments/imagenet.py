@@ -78,9 +78,13 @@ def imagenet_resnet50(method: str, batch: str) -> configs.ExperimentConfig:
   c.adversary = configs.AdversaryConfig(
       enabled=method != "lars", delay=0 if method == "advprop" else 1,
       epsilon=4 / 255, step_size=4 / 255, steps=1, random_init=True)
+  # No weight average (optimizer.ema_momentum None): neither the ConAdv
+  # paper's ResNet-50 setup nor the LARS sources in BATCHES describe one;
+  # --params_override=optimizer.ema_momentum=0.9999 tries one.
   c.optimizer = configs.OptimizerConfig(
       name="lars", learning_rate=lr, warmup_epochs=warmup, power=power,
-      momentum=momentum, weight_decay=wd, eeta=0.001, end_learning_rate=1e-4)
+      momentum=momentum, weight_decay=wd, eeta=0.001, end_learning_rate=1e-4,
+      ema_momentum=None)
   c.data = configs.DataConfig(
       name="imagenet_tfrecord", image_size=224, label_smoothing=0.1,
       autoaugment="v0" if method == "conadv_aa" else None,

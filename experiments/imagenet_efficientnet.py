@@ -38,8 +38,13 @@ exponential decay), 350 epochs, L2 1e-5 on non-BN weights, label smoothing
 0.1, and evaluation with a 0.9999 exponential moving average of the
 weights. This project implements
 LARS or momentum SGD with linear warmup + polynomial decay only: no RMSProp,
-no exponential decay, no weight EMA (evaluation uses the raw weights, which
-the EfficientNet authors' numbers did not). Carried over: 224 px, label
+no exponential decay. The weight average is carried over:
+optimizer.ema_momentum=0.9999 (main.py's `moving_average_decay` default,
+with its `num_updates=global_step` warmup, min(0.9999, (1 + t) / (10 + t));
+official_conadv/optimization/ema.py); evaluation and export use the average,
+and summary.json's `eval_raw` holds the raw weights' evaluation. Their
+`utils.get_ema_vars` also averages the BN moving statistics; here they are
+not averaged a second time (ema.py says why). Carried over: 224 px, label
 smoothing 0.1, weight decay 1e-5 (here inside LARS, added to the gradient
 before the trust ratio: the same wd * w gradient term as their L2 loss; BN
 gamma/beta and every bias are excluded from decay and from layer adaptation by
@@ -123,6 +128,8 @@ MODEL_NAME = "keras.applications.EfficientNetB0"
 IMAGE_SIZE = 224
 LABEL_SMOOTHING = 0.1
 EETA = 0.001
+# Weight average: tensorflow/tpu efficientnet main.py `moving_average_decay`.
+EMA_MOMENTUM = 0.9999
 ADV_EPSILON = 4 / 255
 
 # batch: (global batch, peak LR, warmup epochs, momentum, weight decay,
@@ -174,7 +181,8 @@ def imagenet_efficientnet_b0(method: str,
       step_size=ADV_EPSILON, steps=1, random_init=True)
   c.optimizer = configs.OptimizerConfig(
       name="lars", learning_rate=lr, warmup_epochs=warmup, power=power,
-      momentum=momentum, weight_decay=wd, eeta=EETA, end_learning_rate=end)
+      momentum=momentum, weight_decay=wd, eeta=EETA, end_learning_rate=end,
+      ema_momentum=EMA_MOMENTUM)
   c.data = configs.DataConfig(
       name="imagenet_tfrecord", image_size=IMAGE_SIZE,
       label_smoothing=LABEL_SMOOTHING, num_train_examples=TRAIN_EXAMPLES)

@@ -28,7 +28,15 @@ and the stale-weight buffer or lookahead queue; under MultiWorkerMirrored each
 worker's own, as the queue holds its replicas' batches) in
 `model_dir/checkpoints`, TensorBoard scalars
 in `model_dir/{train,eval}` and, in train_and_eval mode, an exact evaluation
-(every validation image scored once: padded, masked batches).
+(every validation image scored once: padded, masked batches). The BN moving
+statistics are the mean over the replicas by then (ConAdvModel averages them
+at the end of every fit and before every evaluation).
+
+Weight average (`optimizer.ema_momentum`, optimization/ema.py): every loop
+trains from the raw weights (`ema.keep_raw_weights`), evaluation and export
+use the average (`ema.averaged_weights`, an exact swap); `eval` is the
+average's evaluation and `eval_raw` the raw weights' (summary.json,
+TensorBoard `eval/` and `eval_raw/`). Loop ends change no weight.
 
 Resume: a rerun of the same command restores the newest readable checkpoint
 (a damaged one is named and skipped, never deleted) and continues with the

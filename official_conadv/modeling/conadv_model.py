@@ -72,6 +72,12 @@ Padding rows never reach a metric: their logits are replaced by zeros before
 the loss and metrics see them (so garbage or NaN padding images are fine);
 their labels must be valid class ids.
 
+Several replicas: every replica's BN moving statistics are set to their mean
+over the replicas at the end of every epoch and of `fit` and before
+`evaluate` and `predict` (`sync_moving_statistics`,
+`official_conadv.modeling.replica_statistics`), so the evaluation, the
+checkpoint and the export see one set of statistics on every strategy.
+
 The backbone contract: a `keras.Model` whose
 `call(images, training=None, bn_route="main")` takes float images
 [B, H, W, C] in [0, 1] and returns logits [B, num_classes]; `bn_route` is

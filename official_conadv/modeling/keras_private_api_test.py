@@ -23,7 +23,12 @@ keras_mwms_fix_test):
     models from subclassed ones and passes `bn_route` to the BN layers;
   * `TensorFlowTrainer._distribute_strategy` (the strategy whose scope the
     model was made in, else None) and the TF optimizer's
-    `_distribution_strategy` (the strategy it was made under).
+    `_distribution_strategy` (the strategy it was made under);
+  * the optimizer's weight average (optimization/ema.py):
+    `_model_variables_moving_average` paired with `_trainable_variables`,
+    `_update_model_variables_moving_average(trainable_variables)` called
+    after every update, and `fit` ending with
+    `optimizer.finalize_variable_values(model.trainable_weights)`.
 """
 
 import inspect
@@ -132,3 +137,28 @@ def test_functional_models_forward_registered_call_context_args():
   x = np.ones((1, 3), "float32")
   main, adv = model(x), model(x, bn_route="adv")
   np.testing.assert_allclose(2.0 * np.asarray(main), adv)
+
+
+def test_weight_average_internals_ema_py_relies_on():
+  optimizer = keras.optimizers.SGD(0.5, use_ema=True, ema_momentum=0.5)
+  variable = keras.Variable(np.ones(3, np.float32))
+  calls = []
+  update = optimizer._update_model_variables_moving_average
+
+  def spy(trainable_variables):
+    calls.append(list(trainable_variables))
+    return update(trainable_variables)
+
+  optimizer._update_model_variables_moving_average = spy
+  optimizer.build([variable])
+  assert [v is variable for v in optimizer._trainable_variables] == [True]
+  (average,) = optimizer._model_variables_moving_average
+  for _ in range(2):
+    optimizer.apply_gradients([(tf.ones(3), variable)])
+  assert len(calls) == 2 and calls[0][0] is variable
+  # Step 0 copies the weights (1 - 0.5 = 0.5), step 1 mixes with 0.5:
+  # (0.5 + 0.0) / 2.
+  np.testing.assert_allclose(variable.numpy(), np.zeros(3))
+  np.testing.assert_allclose(average.numpy(), np.full(3, 0.25))
+  source = inspect.getsource(tf_trainer.TensorFlowTrainer.fit)
+  assert "finalize_variable_values(self.trainable_weights)" in source

@@ -39,7 +39,11 @@ the model holds the averages, the optimizer still holds the averages too;
 use `keep_raw_weights` around `fit` to train on, and
 `keras.callbacks.SwapEMAWeights` to evaluate the averages during `fit`
 (note: it swaps with additions and subtractions, so the raw weights come
-back changed in the last bits; `averaged_weights` copies them exactly).
+back changed in the last bits, about 1e-7; `averaged_weights` copies them
+exactly). Do not combine `SwapEMAWeights(swap_on_epoch=True)` with
+`keep_raw_weights` (or pass it to the CLI trainer's `callbacks`): at the last
+epoch it copies the swapped-in weights over the averages and counts on
+Keras' final overwrite, so the model would keep the averages as its weights.
 The stale-weight ring buffer and the lookahead attack read the model's
 weights during training steps, i.e. the raw ones.
 """
@@ -50,6 +54,9 @@ from typing import List, Optional, Tuple
 import keras
 from keras import ops
 import tensorflow as tf
+
+
+_MISSING = object()
 
 
 def ema_optimizer(optimizer) -> Optional[keras.optimizers.Optimizer]:
@@ -106,11 +113,15 @@ def keep_raw_weights(optimizer):
   if not enabled(optimizer):
     yield
     return
+  previous = vars(optimizer).get("finalize_variable_values", _MISSING)
   optimizer.finalize_variable_values = lambda var_list: None
   try:
     yield
-  finally:
-    del optimizer.finalize_variable_values
+  finally:  # Nested uses restore what the outer one set.
+    if previous is _MISSING:
+      del optimizer.finalize_variable_values
+    else:
+      optimizer.finalize_variable_values = previous
 
 
 class AverageWarmup:
