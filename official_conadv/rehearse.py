@@ -130,6 +130,15 @@ def weights_and_optimizer(tensors):
           if "backbone_weights" in k or k.startswith("optimizer/")}
 
 
+def sigterm_step(ends):
+  """The step after which the resume check sends SIGTERM: inside the second
+  loop, not at a loop end (the preemption checkpoint is mid-loop and the
+  rerun must finish that loop first), when the loops allow it. `ends`: the
+  run's `loop_ends(0, ...)`. With several steps per call the run stops at
+  the end of the call that passes this step."""
+  return ends[0] + 1 if len(ends) > 1 and ends[1] - ends[0] > 1 else 1
+
+
 def write_toy_data(data_dir: str, num_train: int):
   from official_conadv.data import synthetic  # pylint: disable=g-import-not-at-top
   # Train: three uneven shards; validation: TOY_EVAL_SHARDS.
@@ -198,9 +207,7 @@ def rehearse_row(row, work_dir, strategy, resume_check=True, log=print):
             "autoaugment": config.data.autoaugment,
             "loop": loop, "steps_per_execution":
             train_lib.steps_per_execution_for(
-                strategy, config.train.steps_per_execution,
-                paired_inputs=bool(config.adversary.enabled and
-                                   config.data.autoaugment)),
+                strategy, config.train.steps_per_execution),
             "total_steps": total}
 
   def run(model_dir, callbacks=()):
@@ -227,9 +234,7 @@ def rehearse_row(row, work_dir, strategy, resume_check=True, log=print):
     problems.append(f"checkpoints at {result['checkpoint_steps']}, expected "
                     f"{want_ckpts}")
   if resume_check:
-    # SIGTERM inside the second loop, not at a loop end: the preemption
-    # checkpoint is mid-loop and the rerun must finish that loop first.
-    stop = ends[0] + 1 if len(ends) > 1 and ends[1] - ends[0] > 1 else 1
+    stop = sigterm_step(ends)
     resumed_dir = os.path.join(work_dir, "runs", row, "resumed")
     try:
       run(resumed_dir, callbacks=[preemption.SigtermAt(stop)])

@@ -38,3 +38,14 @@ def test_weights_and_optimizer_keeps_what_both_schedules_share():
              "model/stale_buffer.S0/.ATTRIBUTES/VARIABLE_VALUE": 3,
              "model/lookahead_queue.S0.Sreplica0/.ATTRIBUTES/VARIABLE_VALUE": 4}
   assert sorted(rehearse.weights_and_optimizer(tensors).values()) == [1, 2]
+
+
+@pytest.mark.parametrize("ends,want", [
+    ([5, 10, 11], 6),  # The 1k rows' toy loops: inside the second loop.
+    ([2, 4, 5], 3),    # 16k-96k.
+    ([1, 2, 3], 1),    # Loops of one step have no inside.
+    ([5], 1),          # One loop.
+])
+def test_sigterm_step_is_inside_the_second_loop(ends, want):
+  # The resume check and benchmarks/reproducibility.py stop runs here.
+  assert rehearse.sigterm_step(ends) == want

@@ -47,21 +47,17 @@ def loop_ends(step: int, total_steps: int, steps_per_loop: int):
   return ends
 
 
-def _steps_per_execution(requested: int, paired_inputs: bool,
-                         strategy: StrategyFacts) -> Tuple[int, Optional[str]]:
+def _steps_per_execution(requested: int, strategy: StrategyFacts
+                         ) -> Tuple[int, Optional[str]]:
   """(steps per execution, why it is 1 instead of `requested`, or None)."""
-  if requested > 1 and paired_inputs:
-    return 1, ("AutoAugment + adversary runs are not reproducible with "
-               "several steps per call yet")
   if requested > 1 and not strategy.multi_step_loop_works:
     return 1, (f"Keras 3's multi-step loop fails under {strategy.name} "
                "(keras-team/keras#19246)")
   return requested, None
 
 
-def steps_per_execution_for(strategy, requested: int,
-                            paired_inputs: bool = False) -> int:
-  """`requested`, or 1 where several steps per call are broken or inexact.
+def steps_per_execution_for(strategy, requested: int) -> int:
+  """`requested`, or 1 where several steps per call are broken.
 
   Keras 3's multi-step loop wraps each step in a `tf.cond` (so an execution
   can stop at the end of the data), and under MirroredStrategy and
@@ -72,14 +68,17 @@ def steps_per_execution_for(strategy, requested: int,
   notices when that changes). The TPU rows' `steps_per_execution` is for
   TPUStrategy (fewer host round trips); GPU strategies run one step per call.
 
-  `paired_inputs` (the +AA rows with an adversary: {"image", "augmented"}
-  inputs): `make rehearse` found such runs with several steps per call not
-  bitwise reproducible across runs in one process (largest weight difference
-  0.13-0.86 at the toy rows' learning rates), while one step per call is;
-  the cause is not found yet, so they run one step per call.
+  AutoAugment + adversary runs (the +AA rows) get `requested` like every
+  other run. From 2026-12-01 to 2026-12-03 they ran one step per call
+  because a `make rehearse` pass had found three of them not bitwise
+  reproducible with two; `benchmarks/reproducibility.py` then found two
+  steps per call bitwise equal to one step per call in every recorded
+  tensor of every step, and every repeated or preempted-and-resumed run
+  equal to the first (README, "Known limits"). The rare run-to-run
+  difference of CPU kernels under several steps per call that remains is
+  not specific to them.
   """
-  return _steps_per_execution(requested, paired_inputs,
-                              StrategyFacts.of(strategy))[0]
+  return _steps_per_execution(requested, StrategyFacts.of(strategy))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +124,8 @@ def make_plan(config: configs.ExperimentConfig, num_train: int,
   # (a quick partial evaluation) only scores its first batches.
   pass_steps = input_pipeline.num_eval_steps(
       num_eval, train.eval_batch_size, strategy.num_input_pipelines)
-  per_execution, why = _steps_per_execution(
-      train.steps_per_execution,
-      paired_inputs=bool(config.adversary.enabled and
-                         config.data.autoaugment),
-      strategy=strategy)
+  per_execution, why = _steps_per_execution(train.steps_per_execution,
+                                            strategy)
   return Plan(
       num_train=num_train, num_eval=num_eval,
       steps_per_epoch=config.steps_per_epoch(num_train),

@@ -61,10 +61,12 @@ def test_plan_of_a_resume_mid_loop():
      "Keras 3's multi-step loop fails under MirroredStrategy "
      "(keras-team/keras#19246)"),
     ("train.steps_per_execution=1", MIRRORED, 1, None),
+    # AutoAugment + adversary (the +AA rows) like every other run.
     ("train.steps_per_execution=4,data.autoaugment=v0",
-     train_plan.StrategyFacts(), 1,
-     "AutoAugment + adversary runs are not reproducible with several steps "
-     "per call yet"),
+     train_plan.StrategyFacts(), 4, None),
+    ("train.steps_per_execution=4,data.autoaugment=v0", MIRRORED, 1,
+     "Keras 3's multi-step loop fails under MirroredStrategy "
+     "(keras-team/keras#19246)"),
     ("train.steps_per_execution=4,data.autoaugment=v0,"
      "adversary.enabled=false", train_plan.StrategyFacts(), 4, None),
 ])

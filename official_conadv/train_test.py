@@ -197,8 +197,6 @@ def test_upstream_multi_step_loop_under_mirrored_still_fails():
   assert train_lib.steps_per_execution_for(strategy, 100) == 1
   assert train_lib.steps_per_execution_for(tf.distribute.get_strategy(),
                                            100) == 100
-  assert train_lib.steps_per_execution_for(
-      tf.distribute.get_strategy(), 100, paired_inputs=True) == 1
 
 
 def test_sigterm_saves_mid_loop_and_resume_equals_uninterrupted(tmp_path):

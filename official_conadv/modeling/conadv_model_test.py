@@ -556,6 +556,44 @@ def test_autoaugment_dict_trains_main_route_on_augmented(mode):
   assert dict_results == plain
 
 
+@pytest.mark.parametrize("augmented_route", ["main", "aug"])
+def test_autoaugment_dict_several_steps_per_call_equal_one(augmented_route):
+  """+AA inputs ({"image", "augmented"}) trained with 2 and 3 steps per call
+  end bitwise where one step per call ends: every weight (each BN set with
+  its moving statistics), the stale-weight buffer and LARS' slots, and the
+  same training loss. The +AA rows run several steps per call
+  (train_plan.steps_per_execution_for); tau 2, PGD-2 with random start."""
+  adversary = MODES["conadv_tau2_pgd2_targeted"]
+  x, y = _data(5)
+  aug = _augment(x)
+  states, losses = [], []
+  for steps_per_execution in (1, 2, 3):  # 5 steps: calls of 2+2+1, 3+2.
+    model = conadv_model.ConAdvModel(
+        _backbone(augmented=augmented_route == "aug"), adversary=adversary,
+        augmented_route=augmented_route)
+    model.build((None,) + SHAPE)
+    model.compile(optimizer=_lars(),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True),
+                  steps_per_execution=steps_per_execution)
+    history = model.fit(_dict_dataset(x, aug, y), epochs=1, verbose=0,
+                        shuffle=False).history
+    assert int(model.optimizer.iterations) == 5
+    losses.append(history["loss"])
+    states.append([v.numpy() for v in model.weights] +
+                  [v.numpy() for v in model.schedule.variables] +
+                  [v.numpy() for v in model.optimizer.variables])
+  assert len(states[0]) == len(states[1]) == len(states[2])
+  for other in states[1:]:
+    for want, got in zip(states[0], other):
+      np.testing.assert_array_equal(got, want)
+  assert losses[0] == losses[1] == losses[2]
+  # The buffer holds weights other than the current ones (tau 2 is live).
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      [v.numpy() for v in model.schedule.variables],
+      [v.numpy() for v in model.backbone.trainable_variables]))
+
+
 def test_three_branch_aug_route_equals_reference():
   """augmented_route="aug": main BN on "image", aug BN on "augmented", adv BN
   on x_adv(image), loss = (L_clean + L_aug + L_adv) / 3 (authors' code)."""
