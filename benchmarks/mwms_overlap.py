@@ -505,7 +505,7 @@ def main(argv):
   if FLAGS.worker:
     from official_conadv.testing import multi_worker  # pylint: disable=g-import-not-at-top
     multi_worker.emit_result(worker(**kwargs))
-    return
+    multi_worker.exit_together()  # No 2 s teardown; report out.
   run(timeout=FLAGS.worker_timeout, output=FLAGS.output, **kwargs)
 
 

@@ -149,23 +149,38 @@ def _batch_spec(batch, image_size, num_classes, labels):
   return x, tf.TensorSpec((batch,), tf.int32)
 
 
-def queue_memory(depth, num_classes, tau, batch, image_size, labels):
+def lookahead_model(depth, num_classes, tau, image_size):
+  """A built `ConAdvModel(ResNet(depth), lookahead, tau)` (no queue yet)."""
+  model = _conadv(depth, num_classes, tau, "lookahead")
+  model.build((None, image_size, image_size, 3))
+  return model
+
+
+def queue_memory(depth, num_classes, tau, batch, image_size, labels,
+                 model=None):
   """Bytes of the lookahead queue for one replica's batch of `batch`.
 
-  Creates the queue variables (`schedule.make_queue`), counts them, checks the
-  count against tau x (2 image tensors + 1 label tensor) of the spec, and
-  drops them.
+  Creates the queue variables (`schedule.make_queue`) of `model` (a
+  `lookahead_model` of this depth, tau and image size; None: a new one),
+  counts them, checks the count against tau x (2 image tensors + 1 label
+  tensor) of the spec, and drops them (the model keeps no queue). The
+  queue's size depends on the spec only, so one model serves every batch
+  and label format.
 
   Returns:
     A dict: tau, per_replica_batch, labels, queue_bytes,
     queue_bytes_per_example, num_queue_variables.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
-  model = _conadv(depth, num_classes, tau, "lookahead")
+  own_model = model is None
+  if own_model:
+    model = lookahead_model(depth, num_classes, tau, image_size)
+  if model.schedule.variables:
+    raise ValueError("queue_memory needs a model without a queue.")
   spec = _batch_spec(batch, image_size, num_classes, labels)
-  model.build((None,) + tuple(spec[0].shape[1:]))
   model.schedule.make_queue(spec)
   queue = model.schedule.variables
+  model.schedule.queue = None  # Dropped below (the model holds no queue).
   nbytes = _nbytes(queue)
   per_part = [int(np.prod(s.shape)) * s.dtype.size for s in spec]
   expected = tau * (2 * per_part[0] + per_part[1])
@@ -174,8 +189,10 @@ def queue_memory(depth, num_classes, tau, batch, image_size, labels):
                          f"bytes in {len(queue)} variables, expected "
                          f"{expected} in {3 * tau}.")
   count = len(queue)
-  del queue, model
-  gc.collect()
+  del queue  # Frees the queue; a model of our own needs gc (cycles).
+  if own_model:
+    del model
+    gc.collect()
   return {"tau": tau, "per_replica_batch": batch, "labels": labels,
           "queue_bytes": nbytes,
           "queue_bytes_per_example": nbytes / (tau * batch),
@@ -216,16 +233,22 @@ def memory(depth=50, num_classes=1000, taus=(1, 2), batches=(96, 256),
     raise ValueError(f"memory batches must be >= 1, got {batches}.")
   buffers = {tau: buffer_memory(depth, num_classes, tau, image_size)
              for tau in taus}
+  # One built lookahead model per tau serves all its queues.
+  models = {tau: lookahead_model(depth, num_classes, tau, image_size)
+            for tau in taus}
   rows = []
   for labels in label_formats:
     for tau in taus:
       for batch in batches:
-        row = queue_memory(depth, num_classes, tau, batch, image_size, labels)
+        row = queue_memory(depth, num_classes, tau, batch, image_size, labels,
+                           model=models[tau])
         row["buffer_bytes"] = buffers[tau]["buffer_bytes"]
         row["queue_mib"] = row["queue_bytes"] / MIB
         row["buffer_mib"] = row["buffer_bytes"] / MIB
         row["queue_over_buffer"] = row["queue_bytes"] / row["buffer_bytes"]
         rows.append(row)
+  del models
+  gc.collect()
   break_even = {}
   for labels in label_formats:
     per_example = {r["queue_bytes_per_example"] for r in rows

