@@ -32,37 +32,34 @@ except RuntimeError:  # Runtime already started (e.g. a plugin ran TF ops).
 # low. Sorted here longest first, the short files fill the end and both
 # workers finish together. (xdist's own order, by number of tests, left the
 # 2-test README and notebook files, minutes each, for last: one worker
-# idled while the other ran them.) Seconds per file, 2 workers on the
-# 2-core VM under load, 2026-12-03; a file not listed counts 2 s per test.
+# idled while the other ran them.) Seconds per file (setup + calls), from
+# `--durations=0` of a full run on the 2-core VM, 2026-12-03 (docs_test and
+# package_test: estimated); a file not listed counts 2 s per test.
 # List a file here when it takes more than about 20 s.
 FILE_SECONDS = {
-    "official_conadv/modeling/keras_contract_test.py": 960,
-    "official_conadv/train_test.py": 740,
-    "official_conadv/modeling/lookahead_test.py": 640,
-    "official_conadv/modeling/conadv_model_test.py": 500,
-    "official_conadv/modeling/precision_test.py": 320,
-    "official_conadv/readme_test.py": 200,
-    "official_conadv/multi_worker_lookahead_test.py": 180,
-    "benchmarks/benchmarks_test.py": 150,
-    "official_conadv/modeling/convert_test.py": 140,
-    "experiments/notebook_test.py": 110,
-    "official_conadv/modeling/resnet_test.py": 100,
-    "official_conadv/multi_worker_test.py": 100,
-    "benchmarks/mwms_overlap_test.py": 55,
-    "official_conadv/data/input_pipeline_resume_test.py": 50,
-    "official_conadv/data/preprocessing_test.py": 50,
-    "official_conadv/distribute_utils_test.py": 50,
-    "official_conadv/keras_mwms_fix_test.py": 50,
-    "official_conadv/train_lib_test.py": 45,
-    "official_conadv/optimization/lars_test.py": 40,
-    "official_conadv/train_errors_test.py": 40,
-    "official_conadv/data/input_pipeline_test.py": 35,
-    "official_conadv/train_reference_test.py": 35,
-    "official_conadv/modeling/replica_statistics_test.py": 30,
-    "official_conadv/optimization/ema_test.py": 30,
-    "official_conadv/modeling/reference_test.py": 25,
+    "official_conadv/modeling/keras_contract_test.py": 239,
+    "official_conadv/train_test.py": 223,
+    "official_conadv/modeling/lookahead_test.py": 199,
+    "benchmarks/benchmarks_test.py": 145,
+    "official_conadv/multi_worker_lookahead_test.py": 143,
+    "official_conadv/modeling/precision_test.py": 122,
+    "official_conadv/modeling/conadv_model_test.py": 120,
+    "official_conadv/readme_test.py": 96,
+    "official_conadv/multi_worker_test.py": 76,
+    "official_conadv/modeling/resnet_test.py": 55,
+    "benchmarks/mwms_overlap_test.py": 51,
+    "official_conadv/modeling/convert_test.py": 47,
+    "official_conadv/docs_test.py": 45,
+    "experiments/notebook_test.py": 40,
+    "official_conadv/keras_mwms_fix_test.py": 40,
+    "official_conadv/data/input_pipeline_resume_test.py": 36,
+    "official_conadv/modeling/replica_statistics_test.py": 31,
+    "official_conadv/package_test.py": 30,
+    "official_conadv/train_errors_test.py": 28,
     "official_conadv/data/input_pipeline_integration_test.py": 25,
-    "benchmarks/batch_study_test.py": 25,
+    "official_conadv/optimization/ema_test.py": 25,
+    "official_conadv/distribute_utils_test.py": 23,
+    "official_conadv/train_lib_test.py": 21,
 }
 
 

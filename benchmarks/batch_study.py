@@ -150,8 +150,8 @@ def learning_rate(batch_size, multiplier, base_lr, base_batch):
 
 def make_config(method, batch_size, lr, epochs, seed, *, model, depth,
                 width, image_size, extra=""):
-  import experiments  # pylint: disable=g-import-not-at-top
   from official_conadv import configs  # pylint: disable=g-import-not-at-top
+  experiments = configs.named_experiments()
   if method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; valid: {METHODS}.")
   items = [f"model.name={model}", f"model.width={width}",

@@ -1,5 +1,10 @@
 """Named experiments: `experiments.get(name)` -> a validated ExperimentConfig.
 
+In a checkout this is the top-level `experiments` package; the installed
+wheel maps it to `official_conadv.experiments` (pyproject.toml), so it never
+takes a generic top-level name in site-packages. Library code finds it with
+`configs.named_experiments()`.
+
 Each module registers its experiments with `register`; every experiment's
 docstring gives the exact command, the expected cost and the expected result.
 `python -m official_conadv.train --experiment=list` prints them all.
@@ -39,6 +44,7 @@ def describe(name: str) -> str:
 
 
 def _load():
-  # Imported for their registration side effect.
-  from experiments import (  # pylint: disable=g-import-not-at-top,unused-import
+  # Imported for their registration side effect (relative: this package is
+  # `experiments` in a checkout and `official_conadv.experiments` installed).
+  from . import (  # pylint: disable=g-import-not-at-top,unused-import
       cifar10, imagenet, imagenet_efficientnet, mnist, mnist_applications)

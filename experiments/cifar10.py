@@ -1,7 +1,7 @@
 """CIFAR-10 (tfds `cifar10`, downloaded on first use: needs the network once,
 or a data_dir that already holds the prepared dataset)."""
 
-from experiments import register
+from . import register
 from official_conadv import configs
 
 

@@ -47,7 +47,7 @@ Paper's reported top-1 (not ours): LARS 76.9/76.6/76.6/76.6/75.3/74.3 at
 4K/8K/16K/32K/64K/96K; ConAdv 75.3 and ConAdv+AA 76.2 at 96K.
 """
 
-from experiments import register
+from . import register
 from official_conadv import configs
 
 TRAIN_EXAMPLES = 1_281_167

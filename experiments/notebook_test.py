@@ -6,8 +6,10 @@ kernelspec's `python` to the interpreter running this test (`sys.executable`,
 the venv's python, whose ipykernel and packages the kernel then uses), so no
 kernelspec has to be installed; the test checks it anyway by asking the
 kernel for its `sys.executable`. The kernel's working directory is
-experiments/ (as in Jupyter), from which the notebook finds the repository
-root; CONADV_REPO is set too, as a user outside the repository would.
+experiments/ (as in Jupyter). The venv has the package installed (`make
+venv` installs this checkout, editable), so the notebook's setup cell
+installs nothing; CONADV_REPO is set too, as a user outside the repository
+would, and must go unused.
 """
 
 import os
@@ -68,6 +70,11 @@ def test_notebook_runs_headless_on_cpu(monkeypatch):
   for cell in nb.cells:
     for o in cell.get("outputs", []):
       assert o.get("output_type") != "error", o
+  # The package the venv has installed (make venv: editable, this
+  # checkout): the notebook imported it without pip or sys.path edits.
+  where = re.search(r"official_conadv from (\S+)", text).group(1)
+  assert os.path.realpath(where) == os.path.join(os.path.realpath(ROOT),
+                                                 "official_conadv"), where
   assert "Strategy: default" in text, text
   assert "No TPU:" in text
   kernel_python = re.search(r"KERNEL_PYTHON=(\S+)", text).group(1)

@@ -1,20 +1,46 @@
 """Experiment configuration: plain dataclasses, configs as code.
 
 An `ExperimentConfig` holds everything a run needs; named experiments live in
-`experiments/` and are looked up with `experiments.get(name)`. The CLI changes
+`experiments/` and are looked up with `named_experiments().get(name)`. The CLI changes
 fields with `--params_override=a.b=value,c.d=value` (see `override`). The
 resolved config is written to `model_dir/config.json`, and a restarted run
 refuses a model_dir written with an incompatible config.
 """
 
 import dataclasses
+import importlib
 import json
 import math
 import re
+import types
 import typing
 from typing import Any, Dict, Optional, Tuple
 
 from official_conadv.adversarial import schedules
+
+
+def named_experiments() -> types.ModuleType:
+  """The package of named experiments (`get`, `names`, `describe`).
+
+  The repo keeps them in `experiments/` at its root. Installed (pip install .
+  or -e .), pyproject.toml maps that folder to `official_conadv.experiments`,
+  so the wheel adds no generic top-level `experiments` to site-packages; in a
+  checkout run from its root (make train, make test) it is `experiments`.
+  """
+  try:
+    return importlib.import_module("official_conadv.experiments")
+  except ModuleNotFoundError as e:
+    if e.name != "official_conadv.experiments":
+      raise  # Something it imports is missing: say so, do not hide it.
+  try:
+    return importlib.import_module("experiments")
+  except ModuleNotFoundError as e:
+    if e.name != "experiments":
+      raise
+    raise ModuleNotFoundError(
+        "The named experiments are not found: install the package "
+        "(pip install . in the repo) or run from the repo's root.",
+        name="experiments") from None
 
 
 @dataclasses.dataclass
@@ -36,7 +62,7 @@ class ModelConfig:
   input_mean: Tuple[float, ...] = (0.485, 0.456, 0.406)
   input_std: Tuple[float, ...] = (0.229, 0.224, 0.225)
   # Where AutoAugment images train (the +AA rows): "main" = the clean branch
-  # (DESIGN.md; the adversary attacks the un-augmented image), "aug" = a third
+  # (docs/design.md; the adversary attacks the un-augmented image), "aug" = a third
   # BN set, as the authors' released code does (clean / AutoAugment /
   # adversarial, loss averaged over the three); see ConAdvModel.
   augmented_route: str = "main"

@@ -207,6 +207,12 @@ def test_make_venv_gpu_installs_requirements_gpu(tmp_path):
         f"{venv}/bin/python -m pip install --quiet -r requirements-gpu.txt"]
   assert _install_lines(_make(["-n", "venv", "GPU=0"], venv)) == [
       f"{venv}/bin/python -m pip install --quiet -r requirements.txt"]
+  # Then the checkout itself, editable, without touching the pins.
+  for flag in ("GPU=0", "GPU=1"):
+    assert _make(["-n", "venv", flag], venv)[-2:] == [
+        f"{venv}/bin/python -m pip install --quiet --no-deps "
+        "--no-build-isolation -e .", f"touch {venv}/.installed" +
+        ("-gpu" if flag == "GPU=1" else "")]
   # Once the GPU venv is installed, plain `make train` keeps it: no reinstall.
   (venv / ".installed-gpu").touch()
   train = _make(["-n", "train"], venv)
@@ -215,7 +221,19 @@ def test_make_venv_gpu_installs_requirements_gpu(tmp_path):
   # ... and `make test` runs on it, still without GPUs.
   assert _make(["-n", "test"], venv) == [
       f"CUDA_VISIBLE_DEVICES= {venv}/bin/python -m pytest -q -n 2 --dist "
-      "loadfile official_conadv benchmarks experiments"]
+      "loadfile --no-loadscope-reorder official_conadv benchmarks "
+      "experiments"]
+
+
+def test_make_test_hands_out_the_longest_files_first():
+  import conftest  # pylint: disable=g-import-not-at-top
+  for path in conftest.FILE_SECONDS:  # No stale entry.
+    assert os.path.isfile(os.path.join(_REPO_ROOT, path)), path
+  readme = "official_conadv/readme_test.py"
+  ids = ["a_test.py::t1", f"{readme}::t1", "a_test.py::t2", f"{readme}::t2",
+         "b_test.py::t[1]", "c_test.py::t", "d_test.py::t"]
+  assert conftest.file_order(ids) == [  # Unlisted files: 2 s per test.
+      readme, "a_test.py", "b_test.py", "c_test.py", "d_test.py"]
 
 
 # -------------------------------------------------------------------- devices

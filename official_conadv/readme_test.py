@@ -1,8 +1,9 @@
 """The README's "Using it" examples run as pasted.
 
-Each ```python block under "## Using it" is written to a file and run by a
-fresh interpreter (its own process: TensorFlow starts without the test
-session's CPU split, as on a user's machine). The first must exit 0 with
+Each ```python block under "## Using it" is written to a file in a
+temporary directory and run there by a fresh interpreter (its own process:
+TensorFlow starts without the test session's CPU split, as on a user's
+machine), with no PYTHONPATH: `official_conadv` must come from the install. The first must exit 0 with
 `fit` scoring all 1,000 held-out digits; the second (bring your own model)
 must give a ConAdvModel that predicts 1,000 logits and has adversarial BN.
 """
@@ -24,10 +25,13 @@ def using_it_examples(readme_text):
 
 
 def _run(tmp_path, code):
+  """Runs `code` as a script in tmp_path, as a user would: the package
+  comes from the venv (`make venv` installs this checkout), not from
+  PYTHONPATH or the working directory."""
   script = tmp_path / "example.py"
   script.write_text(code)
-  env = dict(os.environ, PYTHONPATH=_ROOT, CUDA_VISIBLE_DEVICES="",
-             TF_CPP_MIN_LOG_LEVEL="2")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
   return subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=600,
                         check=False)

@@ -1,6 +1,6 @@
 r"""Rehearses the paper's rows at toy scale: each one with its own loop shape.
 
-    python -m official_conadv.rehearse                 # all 28 rows (make rehearse)
+    python -m official_conadv.rehearse                 # all 35 rows (make rehearse)
     python -m official_conadv.rehearse --rows=imagenet_resnet50_conadv_aa_96k
 
 Every `imagenet_resnet50_*` row keeps what decides whether a pod run does what
@@ -89,8 +89,8 @@ def toy_loop_shape(steps_per_loop: int, steps_per_execution: int,
 
 def toy_config(row: str, data_dir: str):
   """The row's config shrunk to toy scale (see the module docstring)."""
-  import experiments  # pylint: disable=g-import-not-at-top
   from official_conadv import configs  # pylint: disable=g-import-not-at-top
+  experiments = configs.named_experiments()
   base, lookahead = split_row(row)
   c = experiments.get(base)
   loop, execution, total = toy_loop_shape(c.train.steps_per_loop,
@@ -265,7 +265,8 @@ def rehearse_row(row, work_dir, strategy, resume_check=True, log=print):
 
 
 def rows_to_run(spec: str):
-  import experiments  # pylint: disable=g-import-not-at-top
+  from official_conadv import configs  # pylint: disable=g-import-not-at-top
+  experiments = configs.named_experiments()
   every = [n for n in experiments.names() if n.startswith("imagenet_resnet50_")]
   every += [n + LOOKAHEAD for n in every
             if "_conadv_" in n and "_conadv_aa_" not in n]

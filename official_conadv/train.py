@@ -81,7 +81,6 @@ def main(argv):
   del argv
   # Imported here so `--help` is fast and flag errors come before TF starts.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import experiments  # pylint: disable=g-import-not-at-top
   from official_conadv import configs  # pylint: disable=g-import-not-at-top
   from official_conadv import distribute_utils  # pylint: disable=g-import-not-at-top
   from official_conadv import train_lib  # pylint: disable=g-import-not-at-top
@@ -91,6 +90,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     tf.get_logger().setLevel("WARNING")
 
+  experiments = configs.named_experiments()
   if FLAGS.experiment == "list":
     for name in experiments.names():
       print(f"{name}: {experiments.describe(name).splitlines()[0]}")

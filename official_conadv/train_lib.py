@@ -562,19 +562,31 @@ def export_model(model: conadv_model.ConAdvModel, model_dir: str,
   """Writes the main-BN inference model as a SavedModel and a .keras file.
 
   SavedModel (`export/saved_model`): `serve(images)` float32 [B, H, W, C] in
-  [0, 1] -> float32 logits; loads with plain `tf.saved_model.load`, no
-  official_conadv needed. `.keras` (`export/model.keras`): the backbone
-  without the adversarial BN; loading it needs official_conadv.modeling (its
-  layer classes), not the training code.
+  [0, 1] -> float32 logits, for every backbone (a converted keras.applications
+  backbone's `pixel_scale` is applied inside); loads with plain
+  `tf.saved_model.load`, no official_conadv needed. `.keras`
+  (`export/model.keras`): `model.inference_model()`, the backbone without
+  the adversarial BN. For the project's backbones it takes [0, 1] images and
+  loading it needs official_conadv.modeling (its layer classes); for a
+  converted keras.applications backbone it is the original architecture,
+  which takes images * pixel_scale and loads with Keras alone.
   """
   inference = model.inference_model()
+  # A converted backbone scales [0, 1] pixels by pixel_scale before the
+  # original model; its inference model is that original model.
+  scale = float(getattr(model.backbone, "pixel_scale", 1.0))
   export_dir = os.path.join(model_dir, "export")
   saved_model_dir = os.path.join(export_dir, "saved_model")
   archive = keras.export.ExportArchive()
   archive.track(inference)
+
+  def serve(images):
+    if scale != 1.0:
+      images = images * scale
+    return tf.cast(inference(images, training=False), tf.float32)
+
   archive.add_endpoint(
-      "serve", lambda images: tf.cast(inference(images, training=False),
-                                      tf.float32),
+      "serve", serve,
       input_signature=[tf.TensorSpec((None,) + tuple(image_shape),
                                      tf.float32, name="images")])
   archive.write_out(saved_model_dir, verbose=False)

@@ -431,8 +431,11 @@ def test_images_per_second_counts_training_steps_only(tmp_path, monkeypatch):
       4 * config.train.global_batch_size / summary["train_seconds"])
 
 
+# As on a machine without the package (the venv has it installed): None in
+# sys.modules makes every import of it fail.
 _LOAD_SCRIPT = """
 import sys, json
+sys.modules["official_conadv"] = None
 import numpy as np
 try:
   import official_conadv
@@ -443,6 +446,8 @@ import tensorflow as tf
 loaded = tf.saved_model.load(sys.argv[1])
 x = np.load(sys.argv[2])
 np.save(sys.argv[3], loaded.serve(tf.constant(x)).numpy())
+assert not [m for m in sys.modules
+            if m.startswith("official_conadv.")], "the package was loaded"
 """
 
 

@@ -7,7 +7,7 @@ base seed and the element's index, so a fixed base seed gives the same images
 in the same batches on every run.
 
 Outputs are float32 in [0, 1]. There is no mean/std normalisation: the model
-normalises inside (DESIGN.md section 1: the adversary works in [0, 1] pixels).
+normalises inside (docs/design.md section 1: the adversary works in [0, 1] pixels).
 
 ImageNet follows the reference TF ResNet preprocessing
 (tensorflow/tpu models/official/resnet/resnet_preprocessing.py):
@@ -275,6 +275,21 @@ def _stateless_random_in(module, seed: Seed):
       module.tf = original
 
 
+def _official_augment():
+  """official.vision.ops.augment, from tf-models-official (the `autoaugment`
+  extra of this package): a one-line error naming the install if missing."""
+  try:
+    from official.vision.ops import augment  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as e:
+    if e.name not in ("official", "official.vision", "official.vision.ops"):
+      raise
+    raise ModuleNotFoundError(
+        "AutoAugment / RandAugment (data.autoaugment) need tf-models-official:"
+        " pip install 'official-conadv[autoaugment]' (or pip install -r "
+        "requirements.txt in a checkout).", name=e.name) from None
+  return augment
+
+
 def make_augmenter(name: Optional[str], *, randaugment_layers: int = 2,
                    randaugment_magnitude: float = 10.0):
   """An `official.vision.ops.augment` augmenter, or None.
@@ -287,7 +302,7 @@ def make_augmenter(name: Optional[str], *, randaugment_layers: int = 2,
   """
   if name is None or name == "none":
     return None
-  from official.vision.ops import augment  # pylint: disable=g-import-not-at-top
+  augment = _official_augment()
   if name == "randaugment":
     return augment.RandAugment(num_layers=randaugment_layers,
                                magnitude=randaugment_magnitude)
@@ -319,7 +334,7 @@ def distort(augmenter, image: tf.Tensor, seed: Seed) -> tf.Tensor:
   Returns:
     uint8 image of the input's shape.
   """
-  from official.vision.ops import augment  # pylint: disable=g-import-not-at-top
+  augment = _official_augment()
   channels = image.shape[-1]
   if channels == 1:
     image = tf.image.grayscale_to_rgb(image)

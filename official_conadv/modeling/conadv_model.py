@@ -34,7 +34,7 @@ training input `x` of `fit` is either
     the AutoAugment (policy v0) version of the same crop. What trains where
     depends on `augmented_route`:
 
-      augmented_route="main" (default, DESIGN.md: AutoAugment feeds the clean
+      augmented_route="main" (default, docs/design.md: AutoAugment feeds the clean
       branch): the main route trains on "augmented"; the adversarial examples
       are generated from "image" with the stale weights and trained on with
       the adv route. L = CE_main(aa) + CE_adv(x_adv(image)), the same sum as

@@ -584,8 +584,11 @@ def test_keras_file_round_trip(tmp_path):
   assert len(outputs) == 6
 
 
+# As on a machine without the package (the venv has it installed): None in
+# sys.modules makes every import of it fail.
 _LOAD_SCRIPT = textwrap.dedent("""
     import sys
+    sys.modules["official_conadv"] = None
     try:
       import official_conadv
       raise SystemExit("official_conadv is importable here")
@@ -595,7 +598,7 @@ _LOAD_SCRIPT = textwrap.dedent("""
     import keras
     model = keras.saving.load_model(sys.argv[1])
     np.save(sys.argv[3], model(np.load(sys.argv[2]), training=False))
-    assert not [m for m in sys.modules if m.startswith("official_conadv")]
+    assert not [m for m in sys.modules if m.startswith("official_conadv.")]
     print("LOADED", type(model).__name__)
 """)
 
@@ -664,3 +667,11 @@ def test_inference_model_is_the_original_architecture(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "LOADED Functional" in result.stdout
   np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, atol=1e-6)
+
+  # The trainer's SavedModel takes [0, 1] images like every other export:
+  # pixel_scale is applied inside its serve endpoint.
+  from official_conadv import train_lib  # pylint: disable=g-import-not-at-top
+  paths = train_lib.export_model(model, str(tmp_path / "run"), SHAPE)
+  loaded = tf.saved_model.load(paths["saved_model"])
+  served = loaded.serve(tf.constant(x))
+  np.testing.assert_allclose(served.numpy(), want, atol=1e-5)

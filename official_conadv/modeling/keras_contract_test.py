@@ -1,4 +1,4 @@
-"""The public Keras contract of ConAdvModel (DESIGN.md section 2), end to end.
+"""The public Keras contract of ConAdvModel (docs/design.md section 2), end to end.
 
 1. The contract exactly as written (ResNet backbone, LARS, label-smoothed CE
    on one-hot labels, `fit` with validation data, no `build` call) trains the
@@ -198,7 +198,7 @@ def restore_floatx():
 @pytest.mark.parametrize("mode", sorted(CONTRACT_MODES))
 def test_contract_as_written_equals_hand_written_loop(mode, strategy_name,
                                                       restore_floatx):
-  """DESIGN.md section 2 verbatim (no build call, one-hot labels from the
+  """docs/design.md section 2 verbatim (no build call, one-hot labels from the
   pipeline, LARS, label smoothing 0.1, validation data) trains exactly the
   weights of section 1's eager loop: every backbone weight (both BN sets,
   moving statistics included), the weights at every step, and the stale

@@ -12,7 +12,7 @@ ConAdv (delay=1), `STEPS` `fit` steps of SGD from the same initial weights.
   random numbers differ between XLA and non-XLA kernels on CPU for the same
   seed; `test_xla_random_start` checks the random start under XLA on its
   own. One device only: Mirrored + jit_compile on logical CPUs fails inside
-  TF (DESIGN.md).
+  TF (docs/design.md).
 * mixed_bfloat16 (SGD, and `lars.LARS` where it exists): finite losses,
   every step's loss within `LOW_PRECISION_LOSS_RTOL` of the float32 run,
   float32 logits and variables (stale-weight buffer and optimizer
