@@ -47,11 +47,12 @@ flags.DEFINE_string("params_override", "",
 flags.DEFINE_bool("export", True, "Export the main-BN inference model at the "
                   "end of training (SavedModel + .keras).")
 flags.DEFINE_bool("allow_config_change", False,
-                  "Resume although the run length, global batch, seed or "
-                  "data order (train.epochs, train.train_steps, "
-                  "train.global_batch_size, train.seed, data.shuffle_buffer, "
-                  "data.deterministic) differ from the model_dir's config: "
-                  "the schedule is rebuilt and the change logged.")
+                  "Resume although the run length, global batch, seed, "
+                  "data order or training-set size (train.epochs, "
+                  "train.train_steps, train.global_batch_size, train.seed, "
+                  "data.shuffle_buffer, data.deterministic, "
+                  "data.num_train_examples) differ from the model_dir's "
+                  "config: the schedule is rebuilt and the change logged.")
 flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 bar, "
                      "2 one line per loop.")
 
