@@ -53,7 +53,7 @@ train: $(STAMP)
 
 # Every paper row (imagenet_resnet50_*) at toy scale with its own loop shape:
 # exact steps, exact evaluation, SIGTERM + exact resume; on one device, then on
-# a 2-replica MirroredStrategy. 40-45 min on 2 cores (docs/rehearsal.md). CPU
+# a 2-replica MirroredStrategy. 40-55 min on 2 cores (docs/rehearsal.md). CPU
 # only, also on a GPU machine: the 2 replicas are logical CPUs, and the
 # rehearsal's results are CPU results that a GPU run (other kernels, TF32)
 # would not repeat.

@@ -154,7 +154,7 @@ RESNET50_PARAMS = 25_557_032
 ADV_BN_PARAMS = 53_120
 IMAGE_BYTES = 224 * 224 * 3 * 4  # float32 224 px image
 LABEL_BYTES = 1000 * 4  # one-hot float32 over 1,000 classes
-# Ying et al. 2018 (README): over 1.05M images/s on a 1,024-chip TPU v3 pod.
+# Ying et al. 2018 (docs/benchmarks.md): over 1.05M images/s on a 1,024-chip TPU v3 pod.
 YING_2018_IMAGES_PER_S_PER_CHIP = 1.05e6 / 1024
 
 PRESETS = {

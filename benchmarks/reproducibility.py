@@ -1,7 +1,7 @@
 r"""Are identical training runs in one process bitwise identical? Where do
 they first differ? Do several steps per call train what one step per call
-trains? (README "Known limits": why the +AA rows run several steps per
-call again.)
+trains? (docs/known_issues.md, item 12: why the +AA rows run several
+steps per call again.)
 
   python -m benchmarks.reproducibility \
       --row=imagenet_resnet50_conadv_aa_1k --runs=4 --steps_per_execution=2 \

@@ -16,7 +16,7 @@ def mnist_resnet_conadv():
     python -m official_conadv.train --experiment=mnist_resnet_conadv \
         --model_dir=runs/mnist_resnet_conadv
   Cost: under 3 minutes on a 2-core CPU (6 epochs of 4,000 images).
-  Result: held-out top-1 of about 97% (see README for the measured figure).
+  Result: held-out top-1 of about 97% (docs/benchmarks.md has the measured figure).
   """
   c = configs.ExperimentConfig(description=mnist_resnet_conadv.__doc__)
   c.model = configs.ModelConfig(

@@ -107,7 +107,7 @@ def _adversary_config_class():
               "= tau, schedule 'delayed' or 'lookahead', seed). "
               "`enabled=False` is the plain LARS baseline; delay 0 is "
               "AdvProp-style sequential training; delay >= 1 is ConAdv. "
-              "README: \"Two schedules\".")})
+              "docs/schedules.md.")})
 
 
 AdversaryConfig = _adversary_config_class()

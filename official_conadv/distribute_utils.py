@@ -383,7 +383,7 @@ def describe_devices(strategy: Optional[tf.distribute.Strategy] = None,
   /job:localhost/replica:0/task:0/device:GPU:0, ...; 2 GPU(s) visible" or
   "OneDeviceStrategy on /job:localhost/replica:0/task:0/device:CPU:0; no GPU
   visible". The GPU count tells at a glance whether TensorFlow found the CUDA
-  libraries (see the README's GPU section).
+  libraries (see docs/gpu.md).
 
   Args:
     strategy: defaults to the current strategy.

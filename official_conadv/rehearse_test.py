@@ -1,5 +1,5 @@
 """Tests of the rehearsal's row list and toy configs (the rows themselves run
-in `make rehearse`, 40-45 minutes: docs/rehearsal.md)."""
+in `make rehearse`, 40-55 minutes: docs/rehearsal.md)."""
 
 import pytest
 

@@ -33,7 +33,7 @@ flags.DEFINE_string("model_dir", None,
                     "export go. A rerun with the same model_dir resumes.")
 flags.DEFINE_string("data_dir", None,
                     "Dataset location (overrides data.data_dir). ImageNet: "
-                    "TFRecord shards or the two official tars (see README).")
+                    "TFRecord shards or the two official tars (docs/tpu.md).")
 flags.DEFINE_enum("strategy", None,
                   ["tpu", "mirrored", "multi_worker_mirrored", "one_device",
                    "default"],

@@ -74,7 +74,7 @@ def steps_per_execution_for(strategy, requested: int) -> int:
   reproducible with two; `benchmarks/reproducibility.py` then found two
   steps per call bitwise equal to one step per call in every recorded
   tensor of every step, and every repeated or preempted-and-resumed run
-  equal to the first (README, "Known limits"). The rare run-to-run
+  equal to the first (docs/known_issues.md, item 12). The rare run-to-run
   difference of CPU kernels under several steps per call that remains is
   not specific to them.
   """
