@@ -37,6 +37,8 @@ import tempfile
 from absl import app
 from absl import flags
 
+from benchmarks import results
+
 FLAGS = flags.FLAGS
 
 
@@ -184,10 +186,7 @@ def run(image_size=224, batch_size=64, augment=("none", "v0"), num_files=8,
             "load_average": os.getloadavg()}
   if verbose:
     print_tables(result)
-  if output:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-      json.dump(result, f, indent=2)
+  results.write_json(result, output)
   return result
 
 

@@ -532,10 +532,8 @@ def run(row="imagenet_resnet50_conadv_aa_1k", runs=4, steps_per_execution=2,
       import shutil  # pylint: disable=g-import-not-at-top
       shutil.rmtree(work_dir, ignore_errors=True)
   results["wall_seconds"] = round(time.perf_counter() - started, 1)
-  if output:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-      json.dump(results, f, indent=1)
+  from benchmarks import results as results_io  # pylint: disable=g-import-not-at-top
+  results_io.write_json(results, output, indent=1)
   return results
 
 

@@ -15,13 +15,13 @@ backward = 3; an adversarial step adds the attack (forward + input gradient
 = 2) and a second training branch (3): (2 + 3 + 3) / 3 = 2.67x.
 """
 
-import json
-import os
 import statistics
 import time
 
 from absl import app
 from absl import flags
+
+from benchmarks import results
 
 flags.DEFINE_integer("depth", 50, "ResNet depth.")
 flags.DEFINE_integer("image_size", 64, "Square image size.")
@@ -108,13 +108,7 @@ def summarize(times, batch_size):
   return rows
 
 
-def write_json(result, output):
-  """Writes a benchmark's result dict to `output` (creating its folder)."""
-  if not output:
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, "w") as f:
-    json.dump(result, f, indent=2)
+write_json = results.write_json  # The scripts that import step_time call it.
 
 
 def print_table(rows, header):
