@@ -27,7 +27,9 @@ import dataclasses
 from typing import Callable, Optional
 
 import keras
-import tensorflow as tf
+from keras import ops
+
+from official_conadv import backends
 
 
 def _check_probability(name, value):
@@ -83,33 +85,34 @@ def validate_attack_args(epsilon, step_size, steps, prob_start_from_clean):
   _check_probability("prob_start_from_clean", prob_start_from_clean)
 
 
-def label_ids(labels: tf.Tensor) -> tf.Tensor:
-  """Integer class ids from int labels [B] or one-hot/smoothed labels [B, C]."""
-  labels = tf.convert_to_tensor(labels)
-  if labels.shape.rank is not None and labels.shape.rank >= 2:
-    return tf.argmax(labels, axis=-1, output_type=tf.int32)
-  return tf.cast(tf.reshape(labels, [-1]), tf.int32)
+def label_ids(labels):
+  """Integer class ids (int32 [B]) from int labels [B] or one-hot/smoothed
+  labels [B, C]."""
+  labels = ops.convert_to_tensor(labels)
+  if len(labels.shape) >= 2:
+    return ops.cast(ops.argmax(labels, axis=-1), "int32")
+  return ops.cast(ops.reshape(labels, [-1]), "int32")
 
 
-def random_wrong_labels(labels: tf.Tensor, num_classes: int,
-                        seed: tf.Tensor) -> tf.Tensor:
+def random_wrong_labels(labels, num_classes: int, key):
   """Uniformly random label != labels[i] for each i; shape [B], int32."""
   if num_classes < 2:
     raise ValueError(
         f"A targeted attack needs `num_classes` >= 2, got {num_classes}.")
-  offset = tf.random.stateless_uniform(
-      tf.shape(labels), seed=seed, minval=1, maxval=num_classes,
-      dtype=tf.int32)
+  offset = backends.uniform_int(ops.shape(labels), key, 1, num_classes)
   return (labels + offset) % num_classes
 
 
-def pgd_attack(logits_fn: Callable[[tf.Tensor], tf.Tensor],
-               images: tf.Tensor,
-               labels: tf.Tensor,
+def pgd_attack(logits_fn: Callable,
+               images,
+               labels,
                config: AttackConfig,
-               seed: tf.Tensor,
-               batch_seed: Optional[tf.Tensor] = None) -> tf.Tensor:
+               seed,
+               batch_seed=None):
   """Returns L-inf PGD adversarial examples for `images`.
+
+  Written in `keras.ops`; the gradient and the random draws come from
+  `official_conadv.backends` (TensorFlow or JAX).
 
   Args:
     logits_fn: maps images [B, H, W, C] in [0, 1] to logits [B, num_classes].
@@ -118,54 +121,52 @@ def pgd_attack(logits_fn: Callable[[tf.Tensor], tf.Tensor],
     images: float [B, H, W, C] clean images in [0, 1].
     labels: int class ids [B] or one-hot [B, num_classes].
     config: `AttackConfig`.
-    seed: int32/int64 [2] stateless seed for the per-example noise and the
-      random target labels (fold the replica id into it under a strategy).
-    batch_seed: [2] stateless seed for the per-batch "start from clean" draw;
-      keep it equal on every replica so the whole global batch agrees.
-      Defaults to `seed`.
+    seed: the key of the per-example noise and the random target labels
+      (`backends.attack_keys`; on TensorFlow an int [2] stateless seed, the
+      replica id folded in under a strategy).
+    batch_seed: the key of the per-batch "start from clean" draw; keep it
+      equal on every replica so the whole global batch agrees. Defaults to
+      `seed`.
 
   Returns:
     float [B, H, W, C] in [0, 1] with |x_adv - images|_inf <= epsilon, no
     gradient path back to `images` (stop_gradient).
   """
-  images = tf.stop_gradient(tf.convert_to_tensor(images))
-  seed = tf.cast(seed, tf.int32)
-  batch_seed = seed if batch_seed is None else tf.cast(batch_seed, tf.int32)
-  eps = tf.cast(config.epsilon, images.dtype)
-  step = tf.cast(config.step_size, images.dtype)
-  noise_seed, target_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, num=2))
+  images = ops.stop_gradient(ops.convert_to_tensor(images))
+  batch_seed = seed if batch_seed is None else batch_seed
+  eps = ops.cast(config.epsilon, images.dtype)
+  step = ops.cast(config.step_size, images.dtype)
+  noise_seed, target_seed = backends.split(seed)
   ids = label_ids(labels)
 
   x = images
   if config.random_init and config.epsilon > 0:
-    noise = tf.random.stateless_uniform(
-        tf.shape(images), seed=noise_seed, minval=-1.0, maxval=1.0,
-        dtype=images.dtype) * eps
+    noise = backends.uniform(ops.shape(images), noise_seed, -1.0, 1.0,
+                             images.dtype) * eps
     x = images + noise
     if config.prob_start_from_clean > 0:
       # One draw per (global) batch: where it is below p, start clean.
-      u = tf.random.stateless_uniform([], seed=batch_seed)
-      x = tf.where(u < config.prob_start_from_clean, images, x)
-    x = tf.clip_by_value(x, 0.0, 1.0)
+      u = backends.uniform([], batch_seed, 0.0, 1.0, "float32")
+      x = ops.where(u < config.prob_start_from_clean, images, x)
+    x = ops.clip(x, 0.0, 1.0)
 
-  target = ids
-  direction = 1.0
-  for i in range(config.steps):
-    with tf.GradientTape() as tape:
-      tape.watch(x)
-      logits = tf.cast(logits_fn(x), tf.float32)
-      if config.targeted and i == 0:
-        # The number of classes is only known once the logits exist.
+  target = None if config.targeted else ids
+  direction = -1.0 if config.targeted else 1.0
+  for _ in range(config.steps):
+
+    def loss_fn(x, target=target):
+      logits = ops.cast(logits_fn(x), "float32")
+      if target is None:
+        # Targeted: the number of classes is only known once the logits
+        # exist (first step); the draw does not depend on x.
         target = random_wrong_labels(ids, logits.shape[-1], target_seed)
-        direction = -1.0
       # Sum (not mean) so the per-example gradient does not shrink with B;
       # only its sign is used anyway.
-      loss = tf.reduce_sum(
-          tf.nn.sparse_softmax_cross_entropy_with_logits(
-              labels=target, logits=logits))
-    grad = tape.gradient(loss, x)
-    x = x + direction * step * tf.sign(tf.cast(grad, x.dtype))
-    x = tf.clip_by_value(x, images - eps, images + eps)
-    x = tf.clip_by_value(x, 0.0, 1.0)
-  return tf.stop_gradient(x)
+      return ops.sum(ops.sparse_categorical_crossentropy(
+          target, logits, from_logits=True)), target
+
+    (_, target), grad = backends.value_and_grad(loss_fn, x, has_aux=True)
+    x = x + direction * step * ops.sign(ops.cast(grad, x.dtype))
+    x = ops.clip(x, images - eps, images + eps)
+    x = ops.clip(x, 0.0, 1.0)
+  return ops.stop_gradient(x)

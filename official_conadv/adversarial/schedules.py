@@ -24,14 +24,25 @@ One interface, called by `ConAdvModel.train_step`:
   schedule.examples(model, batch, step) -> (batch to train on, x_adv)
   schedule.after_update(model, step, theta)   # theta_t, read before the update
 
-and one mechanism for the tau slots of both buffers (`Slots`: one
-`tf.switch_case` over slot-major variables, written once). Each schedule owns
+and one mechanism for the tau slots of both buffers (`Slots`: slot-major
+variables, read and written in one place per backend). Each schedule owns
 its variables and their checkpoint names (`checkpoint_children`); the attack
 itself is `ConAdvModel.adversarial_examples(images, labels, step, weights)`, a
 function of (weights, batch, seed) through `keras.Model.stateless_call`.
 
 Which schedule a config means, and which inputs it takes, is decided here
 and only here: `AdversaryConfig.kind`, `input_offset`, `check_inputs`.
+
+Backends: the step-time code (`examples`, `attack_weights`, `after_update`,
+`Slots`) runs on TensorFlow and on JAX. On TensorFlow a slot is read or
+written under one `tf.switch_case` and conditional writes sit in `tf.cond`
+(the variables are assigned in place, per replica). On JAX the step is a
+pure function (`official_conadv.modeling.jax_trainer`): reads go through
+`keras.ops.switch`, and every write is an `assign` of
+`where(condition and slot == index, new, old)` to each slot, which the
+trainer's `keras.StatelessScope` collects. The input side of the lookahead
+schedule (`stream`, `fill` of `tf.data` input, per-replica checkpoints) is
+TensorFlow's; its JAX counterpart is `jax_trainer.lookahead_stream`.
 
 Gradient accumulation (Keras' `gradient_accumulation_steps=N`, `Delayed` and
 `Sequential` only): staleness counts optimizer updates. At micro-step m
@@ -44,14 +55,19 @@ reads the same slot. The attack's random numbers are seeded with m.
 """
 
 import dataclasses
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import keras
+from keras import ops
 import numpy as np
-import tensorflow as tf
 
+from official_conadv import backends
 from official_conadv.adversarial import attacks
-from official_conadv.modeling import keras_compat
+
+# TensorFlow for the TensorFlow-only parts (tf.data input, tf.distribute,
+# checkpoints); imported on first use, so the JAX path never loads it.
+tf = backends.LazyModule("tensorflow")
+keras_compat = backends.LazyModule("official_conadv.modeling.keras_compat")
 
 SEQUENTIAL = "sequential"
 DELAYED = "delayed"
@@ -146,16 +162,22 @@ def optimizer_counter(optimizer):
   return inner, int(steps)
 
 
-def micro_step(optimizer) -> tf.Tensor:
-  """m: micro-steps applied so far (Keras' raw counter), int64 scalar; 0
-  without an optimizer."""
+def step_dtype() -> str:
+  """The dtype of step counters: int64 (int32 on JAX, whose default
+  configuration has no 64-bit integers)."""
+  return "int64" if backends.is_tensorflow() else "int32"
+
+
+def micro_step(optimizer):
+  """m: micro-steps applied so far (Keras' raw counter), an int scalar of
+  `step_dtype()`; 0 without an optimizer."""
   if optimizer is None:
-    return tf.constant(0, tf.int64)
+    return ops.convert_to_tensor(0, step_dtype())
   inner, _ = optimizer_counter(optimizer)
   counter = getattr(inner, "_iterations", None)
   if counter is None:  # Keras without a raw counter: iterations is raw.
     counter = inner.iterations
-  return tf.cast(tf.convert_to_tensor(counter), tf.int64)
+  return ops.cast(ops.convert_to_tensor(counter), step_dtype())
 
 
 def accumulation_steps(optimizer) -> int:
@@ -166,9 +188,12 @@ def accumulation_steps(optimizer) -> int:
 class Slots:
   """`num` slots of `width` variables each (a flat, slot-major list).
 
-  `read(index)` / `write(index, values)` take the slot as a tensor and
-  branch once per slot (`tf.switch_case`; no branch for one slot), so a
-  compiled step reads or writes one slot without gathering all of them.
+  `read(index)`, `write(index, values, when)` and `fill(values, when)` take
+  the slot and the condition as tensors. TensorFlow branches once per slot
+  (`tf.switch_case`; no branch for one slot) and writes under `tf.cond`, so
+  a compiled step reads or writes one slot without gathering all of them.
+  JAX reads with `keras.ops.switch` and writes every slot with a `where`
+  (module docstring).
   """
 
   def __init__(self, variables: Sequence, num: int):
@@ -187,24 +212,75 @@ class Slots:
     return tf.switch_case(tf.cast(index, tf.int32),
                           [branch(s) for s in range(self.num)])
 
-  def read(self, index) -> List[tf.Tensor]:
+  def read(self, index) -> List:
+    if not backends.is_tensorflow():
+      branches = [lambda s=s: [v.value for v in self[s]]
+                  for s in range(self.num)]
+      if self.num == 1:
+        return branches[0]()
+      return ops.switch(ops.cast(index, "int32"), branches)
     return self._switch(index, lambda s: lambda: [
         tf.identity(tf.convert_to_tensor(v)) for v in self[s]])
 
-  def write(self, index, values):
+  def write(self, index, values, when=None):
+    """Writes `values` into slot `index` (if `when`, a bool scalar)."""
+    if not backends.is_tensorflow():
+      self._where_write(values, index=index, when=when)
+      return
+
     def branch(s):
       def fn():
         for var, value in zip(self[s], values):
           var.assign(tf.cast(value, var.dtype))
         return tf.constant(True)
       return fn
-    self._switch(index, branch)
+
+    if when is None:
+      self._switch(index, branch)
+      return
+
+    def write():
+      self._switch(index, branch)
+      return tf.constant(True)
+
+    tf.cond(when, write, lambda: tf.constant(False))
+
+  def fill(self, values, when):
+    """Writes `values` into every slot if `when` (a bool scalar)."""
+    if not backends.is_tensorflow():
+      self._where_write(values, index=None, when=when)
+      return
+
+    def fill_all():
+      for s in range(self.num):
+        for var, value in zip(self[s], values):
+          var.assign(value)
+      return tf.constant(True)
+
+    tf.cond(when, fill_all, lambda: tf.constant(False))
+
+  def _where_write(self, values, index, when):
+    """JAX: slot s <- where(when and (index is None or s == index), values,
+    slot s), as assigns a `keras.StatelessScope` collects."""
+    for s in range(self.num):
+      hit = ops.convert_to_tensor(True) if when is None else when
+      if index is not None:
+        hit = ops.logical_and(hit, ops.equal(ops.cast(index, "int32"), s))
+      for var, value in zip(self[s], values):
+        var.assign(ops.where(hit, ops.cast(value, var.dtype), var.value))
 
 
-def trainable_weights(backbone) -> List[tf.Tensor]:
+def trainable_weights(backbone) -> List:
   """theta: the backbone's trainable weights as tensors (the `weights` the
   attack takes)."""
-  return [tf.convert_to_tensor(v) for v in backbone.trainable_variables]
+  return [ops.convert_to_tensor(v) for v in backbone.trainable_variables]
+
+
+def _track_variables(model, variables):
+  """Adds `variables` to `model.weights` (non-trainable), as `add_weight`
+  would; `add_weight` cannot make ON_READ variables."""
+  for v in variables:
+    model._track_variable(v)  # pylint: disable=protected-access
 
 
 def _per_replica_variable(model, shape, dtype, name):
@@ -240,7 +316,7 @@ class Schedule:
     """
     return batch, model.adversarial_examples(batch.attack, batch.labels, step)
 
-  def attack_weights(self, model, step) -> List[tf.Tensor]:
+  def attack_weights(self, model, step) -> List:
     """theta_{u - tau} (tensors, `backbone.trainable_variables` order)."""
     del step
     return trainable_weights(model.backbone)
@@ -283,7 +359,7 @@ class Delayed(Schedule):
     variables = [
         _per_replica_variable(model, v.shape, v.dtype, f"stale_slot{s}_{i}")
         for s in range(self.tau) for i, v in enumerate(current)]
-    keras_compat.track_variables(model, variables)
+    _track_variables(model, variables)
     self.buffer = Slots(variables, self.tau)
 
   @property
@@ -296,16 +372,11 @@ class Delayed(Schedule):
     return self.buffer[slot]
 
   def attack_weights(self, model, step):
-    step = tf.cast(step, tf.int64)
+    step = ops.cast(step, step_dtype())
     current = model.backbone.trainable_variables
-
-    def fill_all():
-      for s in range(self.tau):
-        for buf, v in zip(self.buffer[s], current):
-          buf.assign(v)
-      return tf.constant(True)
-
-    tf.cond(tf.equal(step, 0), fill_all, lambda: tf.constant(False))
+    # Step 0 fills every slot with theta_0.
+    self.buffer.fill([ops.convert_to_tensor(v) for v in current],
+                     when=ops.equal(step, 0))
     update = step // accumulation_steps(getattr(model, "optimizer", None))
     return self.buffer.read(update % self.tau)
 
@@ -314,15 +385,10 @@ class Delayed(Schedule):
     update u = step // N; otherwise (an accumulation micro-step, a skipped
     loss-scale step) nothing."""
     n = accumulation_steps(getattr(model, "optimizer", None))
-    update = tf.cast(step, tf.int64) // n
+    update = ops.cast(step, step_dtype()) // n
     # Read after the optimizer call (ordered by the counter's resource).
-    completed = tf.greater(micro_step(model.optimizer) // n, update)
-
-    def write():
-      self.buffer.write(update % self.tau, theta)
-      return tf.constant(True)
-
-    tf.cond(completed, write, lambda: tf.constant(False))
+    completed = ops.greater(micro_step(model.optimizer) // n, update)
+    self.buffer.write(update % self.tau, theta, when=completed)
 
   def checkpoint_children(self):
     return {f"stale_buffer/{i}": v for i, v in enumerate(self.variables)}
@@ -355,8 +421,10 @@ class Lookahead(Schedule):
       self.ready = keras.Variable(
           initializer="zeros", shape=(), dtype="int32", trainable=False,
           aggregation="only_first_replica", name="lookahead_queue_ready")
-    keras_compat.track_variables(model, [self.ready])
-    keras_compat.restore_deferred(model, "lookahead_queue_ready", self.ready)
+    _track_variables(model, [self.ready])
+    if backends.is_tensorflow():
+      keras_compat.restore_deferred(model, "lookahead_queue_ready",
+                                    self.ready)
 
   @property
   def variables(self):
@@ -378,17 +446,21 @@ class Lookahead(Schedule):
     push the new triple. The attack does not feed the update of step t."""
     x, y = batch.attack, batch.labels
     self._check_queue()
-    step = tf.cast(step, tf.int64)
+    step = ops.cast(step, step_dtype())
     x_adv_new = model.adversarial_examples(
         x, y, step + self.tau,
         weights=trainable_weights(model.backbone))
     index = step % self.tau
-    # Read after the incoming batch exists: a failed read (a short batch)
-    # then stops the whole step, not only the push.
-    with tf.control_dependencies([x, y]):
+    if not backends.is_tensorflow():  # A pure step: no ordering to force.
       x_t, x_adv_t, y_t = self.queue.read(index)
-    with tf.control_dependencies([x_t, x_adv_t, y_t]):
       self.queue.write(index, (x, x_adv_new, y))
+    else:
+      # Read after the incoming batch exists: a failed read (a short batch)
+      # then stops the whole step, not only the push.
+      with tf.control_dependencies([x, y]):
+        x_t, x_adv_t, y_t = self.queue.read(index)
+      with tf.control_dependencies([x_t, x_adv_t, y_t]):
+        self.queue.write(index, (x, x_adv_new, y))
     return TrainingBatch(main=x_t, attack=x_t, aug=None, labels=y_t), x_adv_t
 
   def _check_queue(self):
@@ -430,15 +502,26 @@ class Lookahead(Schedule):
     if any(d is None for d in shapes["x"] + shapes["y"]):
       raise ValueError("schedule='lookahead' needs batches of a known shape, "
                        f"got {shapes['x']} and {shapes['y']}.")
-    dtypes = {"x": tf.as_dtype(x.dtype).name, "y": tf.as_dtype(y.dtype).name}
-    with model.distribute_strategy.scope():
-      variables = [
-          _per_replica_variable(model, shapes[kind], dtypes[kind],
-                                f"lookahead_slot{s}_{part}")
-          for s in range(self.tau)
-          for part, kind in (("x", "x"), ("x_adv", "x"), ("y", "y"))]
-    self.queue = Slots(variables, self.tau)
+    dtypes = {"x": keras.backend.standardize_dtype(x.dtype),
+              "y": keras.backend.standardize_dtype(y.dtype)}
+    make = lambda: [  # pylint: disable=g-long-lambda
+        _per_replica_variable(model, shapes[kind], dtypes[kind],
+                              f"lookahead_slot{s}_{part}")
+        for s in range(self.tau)
+        for part, kind in (("x", "x"), ("x_adv", "x"), ("y", "y"))]
     restored_full = self.filled
+    if not backends.is_tensorflow():
+      if restored_full:
+        raise ValueError(
+            "This lookahead model's weights mark its queue as filled, but "
+            "Keras weight files do not hold the queue (it exists once a "
+            "batch was seen); on JAX, resume a saved run with "
+            "schedule='delayed' (the same weights for the same data).")
+      self.queue = Slots(make(), self.tau)
+      return
+    with model.distribute_strategy.scope():
+      variables = make()
+    self.queue = Slots(variables, self.tau)
     for name, component in self.checkpoint_children().items():
       if name == "lookahead_queue_ready":
         continue
@@ -661,7 +744,7 @@ class TrainingBatch:
   aug: images of the third "aug" route (augmented_route="aug") or None;
   labels: int [B] or one-hot [B, C].
   """
-  main: tf.Tensor
-  attack: tf.Tensor
-  aug: Optional[tf.Tensor]
-  labels: tf.Tensor
+  main: Any
+  attack: Any
+  aug: Optional[Any]
+  labels: Any

@@ -86,13 +86,16 @@ The backbone contract: a `keras.Model` whose
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
+# Private, no public equivalent: the 1 / replicas scaling Keras applies to
+# the loss under a tf.distribute strategy (identity on JAX); pinned by
+# conadv_model_test's test_private_keras_loss_scaling_is_one_over_replicas.
+from keras.src.losses import loss as keras_loss_module
 
+from official_conadv import backends
 from official_conadv.adversarial import attacks
 from official_conadv.adversarial import schedules
 from official_conadv.modeling import dual_batch_norm
-from official_conadv.modeling import keras_compat
-from official_conadv.modeling import replica_statistics
 
 MAIN = dual_batch_norm.MAIN
 ADV = dual_batch_norm.ADV
@@ -109,21 +112,25 @@ LOOKAHEAD = schedules.LOOKAHEAD
 SCHEDULES = schedules.SCHEDULES
 
 
-def _replica_id():
-  ctx = tf.distribute.get_replica_context()
-  if ctx is None:
-    return tf.constant(0, tf.int32)
-  return tf.cast(ctx.replica_id_in_sync_group, tf.int32)
-
-
 def _accuracy(labels, logits):
   """Per-example top-1 correctness (float32 [B]) for int or one-hot labels."""
-  predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-  return tf.cast(tf.equal(predicted, attacks.label_ids(labels)), tf.float32)
+  predicted = ops.cast(ops.argmax(logits, axis=-1), "int32")
+  return ops.cast(ops.equal(predicted, attacks.label_ids(labels)), "float32")
+
+
+def _trainer():
+  """The backend's half of ConAdvModel (its train/test steps, `fit`), as
+  Keras picks its own trainer per backend: `tf_trainer.TensorFlowTrainer`
+  or `jax_trainer.JaxTrainer`."""
+  if backends.is_tensorflow():
+    from official_conadv.modeling import tf_trainer  # pylint: disable=g-import-not-at-top
+    return tf_trainer.TensorFlowTrainer
+  from official_conadv.modeling import jax_trainer  # pylint: disable=g-import-not-at-top
+  return jax_trainer.JaxTrainer
 
 
 @keras.saving.register_keras_serializable(package="official_conadv")
-class ConAdvModel(keras_compat.ModelWorkarounds, keras.Model):
+class ConAdvModel(_trainer(), keras.Model):
   """Trains `backbone` with clean + (stale-weight) adversarial examples.
 
   See the module docstring for the algorithm (paper Algorithm 1), the
@@ -207,11 +214,11 @@ class ConAdvModel(keras_compat.ModelWorkarounds, keras.Model):
     schedule's variables must be created there, and the optimizer must see
     the adversarial (and "aug") BN variables when it is built.
     """
-    strategy = self._check_build_scope()
-    if not tf.distribute.has_strategy() and strategy is not None:
+    scope = self._build_scope()
+    if scope is not None:
       # First use outside the scope the model was made in (e.g. a call):
-      # the variables still belong to that strategy.
-      with strategy.scope():
+      # the variables still belong to that strategy (TensorFlow).
+      with scope:
         return self.build(input_shape)
     if isinstance(input_shape, dict):
       input_shape = _plain(input_shape)
@@ -230,17 +237,6 @@ class ConAdvModel(keras_compat.ModelWorkarounds, keras.Model):
     if self.schedule is not None:
       self.schedule.build(self)
     self.built = True
-
-  def symbolic_build(self, data_spec):
-    """Builds the model (every BN route, the schedule's variables), the
-    compiled loss and metrics and the optimizer from the spec of one
-    training batch ((images, labels) `tf.TensorSpec`s), in the model's
-    strategy scope, as `fit` does before its first step. Nothing happens
-    once all is built."""
-    return self._maybe_symbolic_build(data_batch=data_spec)
-
-  def _build_extra_checkpoint_children(self):
-    return {} if self.schedule is None else self.schedule.checkpoint_children()
 
   # ----------------------------------------------------------------- calls
   def call(self, inputs, training=False):
@@ -276,7 +272,7 @@ class ConAdvModel(keras_compat.ModelWorkarounds, keras.Model):
     if weights is None:
       weights = self.schedule.attack_weights(self, step)
     non_trainable = [
-        tf.convert_to_tensor(v) for v in self.backbone.non_trainable_variables
+        ops.convert_to_tensor(v) for v in self.backbone.non_trainable_variables
     ]
 
     def logits_fn(x):
@@ -286,11 +282,9 @@ class ConAdvModel(keras_compat.ModelWorkarounds, keras.Model):
           weights, non_trainable, x, training=True, bn_route=ADV)
       return logits
 
-    step = tf.cast(step, tf.int32)
-    batch_seed = tf.stack([tf.constant(self.adversary.seed, tf.int32), step])
-    seed = tf.random.experimental.stateless_fold_in(batch_seed, _replica_id())
+    seed, batch_seed = backends.attack_keys(self.adversary.seed, step)
     return attacks.pgd_attack(logits_fn, images, labels, self.adversary.attack,
-                              seed=seed, batch_seed=batch_seed + 1)
+                              seed=seed, batch_seed=batch_seed)
 
   # ----------------------------------------------------------------- steps
   def _training_batch(self, x, y):
@@ -313,67 +307,32 @@ class ConAdvModel(keras_compat.ModelWorkarounds, keras.Model):
     return schedules.TrainingBatch(main=augmented, attack=image, aug=None,
                                    labels=y)
 
-  def _branch(self, images, route, y, sample_weight):
-    """(logits float32, compiled loss) of one BN route."""
-    logits = tf.cast(self.backbone(images, training=True, bn_route=route),
-                     tf.float32)
-    return logits, self._compile_loss(y, logits, sample_weight)
+  def _routes(self, batch, x_adv):
+    """[(branch name, BN route, images)] one training step runs forward:
+    the main route, then the adversarial, then the "aug" one."""
+    routes = [("clean", MAIN, batch.main)]
+    if x_adv is not None:
+      routes.append(("adv", ADV, x_adv))
+    if self._three_branch:
+      routes.append(("aug", AUG, batch.aug))
+    return routes
 
-  def train_step(self, data):
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    if not self.built:  # Keras defers building to here without a strategy.
-      self.build(tuple(_plain(x).shape))
-    step = schedules.micro_step(self.optimizer)
+  def _examples(self, x, y, sample_weight):
+    """(TrainingBatch, x_adv or None) of this step: the schedule's."""
     batch, x_adv = self._training_batch(x, y), None
     if self.schedule is not None:
       if self.schedule.input_offset:
         schedules.check_plain(x, sample_weight)
+      step = schedules.micro_step(self.optimizer)
       batch, x_adv = self.schedule.examples(self, batch, step)
-    y = batch.labels
-
-    logs = {}  # branch name -> (logits, loss), losses scaled by 1/replicas.
-    with tf.GradientTape() as tape:
-      logits = tf.cast(self.backbone(batch.main, training=True, bn_route=MAIN),
-                       tf.float32)
-      if x_adv is not None:
-        logs["adv"] = self._branch(x_adv, ADV, y, sample_weight)
-      if self._three_branch:
-        # The authors' form: CE averaged over the 3B (or 2B) images, plus
-        # the regularisation once.
-        logs["aug"] = self._branch(batch.aug, AUG, y, sample_weight)
-        clean_ce = self._compile_loss(y, logits, sample_weight)
-        branches = [clean_ce] + [loss for _, loss in logs.values()]
-        regularization = keras_compat.regularization_loss(self)
-        loss = tf.add_n(branches) / float(len(branches)) + regularization
-        clean_loss = clean_ce + regularization
-      else:
-        # compute_loss adds model.losses and scales by 1 / replicas.
-        clean_loss = self.compute_loss(x=batch.main, y=y, y_pred=logits,
-                                       sample_weight=sample_weight,
-                                       training=True)
-        loss = tf.add_n([clean_loss] + [l for _, l in logs.values()])
-      scaled_loss = self.optimizer.scale_loss(loss)
-    logs["clean"] = (logits, clean_loss)
-
-    variables = self.trainable_variables
-    grads = tape.gradient(scaled_loss, variables)
-    # Variables without a gradient (the adversarial BN in baseline mode) are
-    # left out: under Mirrored, None gradients desynchronise the collectives.
-    pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
-    keeps = self.schedule is not None and self.schedule.keeps_weights
-    if keeps:  # theta_t, read before the update (the delayed ring buffer).
-      theta = [tf.convert_to_tensor(v)
-               for v in self.backbone.trainable_variables]
-    self.optimizer.apply_gradients(pairs)
-    if keeps:
-      self.schedule.after_update(self, step, theta)
-    self._update_train_metrics(loss, logs, y, sample_weight)
-    return self._logs(training=True)
+    return batch, x_adv
 
   def _update_train_metrics(self, loss, branches, y, sample_weight):
-    unscale = keras_compat.unscale_loss_for_distribution
+    """Updates the trackers of a training step; `branches` maps "clean",
+    "adv", "aug" to (logits float32, loss scaled by 1 / replicas)."""
+    unscale = keras_loss_module.unscale_loss_for_distribution
     logits = branches["clean"][0]
-    batch = tf.shape(logits)[0]
+    batch = ops.shape(logits)[0]
     self._loss_tracker.update_state(unscale(loss), sample_weight=batch)
     trackers = {"clean": (self.clean_loss_tracker, self.clean_accuracy_tracker),
                 "adv": (self.adv_loss_tracker, self.adv_accuracy_tracker),
@@ -388,24 +347,24 @@ class ConAdvModel(keras_compat.ModelWorkarounds, keras.Model):
     if self._compile_metrics is not None:
       self._compile_metrics.update_state(y, logits, sample_weight)
 
-  def test_step(self, data):
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    logits = tf.cast(self(x, training=False), tf.float32)
-    batch = tf.shape(logits)[0]
+  def _update_test_metrics(self, y, logits, sample_weight):
+    """Updates the evaluation trackers (class docstring, "Evaluation") with
+    one batch's main-route logits (float32 [B, C])."""
+    batch = ops.shape(logits)[0]
     if sample_weight is None:
-      weights = tf.ones([batch], tf.float32)
+      weights = ops.ones([batch], "float32")
     else:
-      weights = tf.reshape(tf.cast(sample_weight, tf.float32), [batch])
+      weights = ops.reshape(ops.cast(sample_weight, "float32"), [batch])
     # Padding rows (weight 0) get zero logits: whatever their images were
     # (zeros, garbage, NaN), nothing non-finite reaches loss or metrics.
-    logits = tf.where(tf.not_equal(weights, 0.0)[:, None], logits,
-                      tf.zeros_like(logits))
-    per_example = keras_compat.per_example_loss(self, y, logits)
+    logits = ops.where(ops.not_equal(weights, 0.0)[:, None], logits,
+                       ops.zeros_like(logits))
+    per_example = per_example_loss(self, y, logits)
     if per_example is not None:
       # Mean: total += sum(w * loss_i), count += sum(w) per replica; the
       # result sums both over replicas, so loss = sum(w loss) / sum(w).
       self._loss_tracker.update_state(per_example, sample_weight=weights)
-    self.examples_tracker.update_state(tf.reduce_sum(weights))
+    self.examples_tracker.update_state(ops.sum(weights))
     compile_metrics = self._compile_metrics
     if compile_metrics is not None:
       if not compile_metrics.built:
@@ -414,7 +373,6 @@ class ConAdvModel(keras_compat.ModelWorkarounds, keras.Model):
       # (Keras gives sample_weight only to `weighted_metrics`).
       for metric in compile_metrics.metrics:
         metric.update_state(y, logits, sample_weight=weights)
-    return self._logs(training=False)
 
   def _logs(self, training):
     """The metric results of one phase: training shows the branch trackers
@@ -429,72 +387,6 @@ class ConAdvModel(keras_compat.ModelWorkarounds, keras.Model):
                      self.aug_accuracy_tracker.name))
     logs = keras.Model.get_metrics_result(self)
     return {k: v for k, v in logs.items() if k not in hidden}
-
-  # ------------------------------------------------------------------- fit
-  def fit(self, x=None, y=None, batch_size=None, *args, input_is_ahead=False,
-          **kwargs):
-    """`keras.Model.fit`. With schedule='lookahead' (tau >= 1) the input is
-    fed tau batches ahead and the queue filled on the first call
-    (`schedules.Lookahead.stream`): the same dataset, epochs and steps as
-    the delayed schedule train on the same batches. `x` is then a batched
-    `tf.data.Dataset` of (images, labels) with full batches, or numpy
-    arrays `x`, `y` with `batch_size`.
-
-    `input_is_ahead=True` (lookahead only): `x` (a dataset or a distributed
-    dataset) already yields batch t + tau at step t, and the queue already
-    holds batches t..t+tau-1 (`model.schedule.fill`, or restored with the
-    step count from a checkpoint). The CLI trainer feeds it so.
-
-    Under several replicas the BN moving statistics are averaged over the
-    replicas at the end of every epoch (before the callbacks given here see
-    it) and of the call: see `sync_moving_statistics`.
-    """
-    if len(args) > 2:  # fit(x, y, batch_size, epochs, verbose, callbacks..)
-      args = args[:2] + (_with_sync_callback(args[2], self),) + args[3:]
-    else:
-      kwargs["callbacks"] = _with_sync_callback(kwargs.get("callbacks"), self)
-    if not (self.schedule is not None and self.schedule.input_offset):
-      if input_is_ahead:
-        raise ValueError("input_is_ahead=True is for schedule='lookahead' "
-                         "with tau >= 1.")
-      return super().fit(x, y, batch_size, *args, **kwargs)
-    if args:
-      raise ValueError("schedule='lookahead': pass fit's arguments after "
-                       "batch_size by keyword.")
-    position = (int(schedules.micro_step(self.optimizer).numpy())
-                if getattr(self, "optimizer", None) is not None else 0)
-    stream, steps_per_epoch = self.schedule.stream(
-        x, y, batch_size, shuffle=kwargs.pop("shuffle", True),
-        input_is_ahead=input_is_ahead, position=position)
-    if steps_per_epoch and kwargs.get("steps_per_epoch") is None:
-      kwargs["steps_per_epoch"] = steps_per_epoch
-    return super().fit(stream, None, None, shuffle=False, **kwargs)
-
-  # ------------------------------------------------- replicas, evaluation
-  def sync_moving_statistics(self):
-    """Sets every replica's BN moving statistics (all routes) to their mean
-    over the replicas; returns how many variables were averaged (0 with one
-    replica). See `official_conadv.modeling.replica_statistics`.
-
-    `fit` (every epoch end and its end), `evaluate` and `predict` call it,
-    so evaluation, checkpoints and the export after them see one set of
-    statistics on every strategy. Call it yourself after `train_on_batch`
-    or before saving in the middle of an epoch; under
-    MultiWorkerMirroredStrategy on every worker (it is a collective).
-    """
-    return replica_statistics.sync(self)
-
-  def evaluate(self, *args, **kwargs):
-    """`keras.Model.evaluate` (logs: see the class docstring), after
-    `sync_moving_statistics`."""
-    self.sync_moving_statistics()
-    return super().evaluate(*args, **kwargs)
-
-  def predict(self, *args, **kwargs):
-    """`keras.Model.predict` (main BN route), after
-    `sync_moving_statistics`."""
-    self.sync_moving_statistics()
-    return super().predict(*args, **kwargs)
 
   # ---------------------------------------------------------------- export
   def inference_model(self):
@@ -517,23 +409,6 @@ class ConAdvModel(keras_compat.ModelWorkarounds, keras.Model):
     config["backbone"] = keras.saving.deserialize_keras_object(
         config["backbone"])
     return cls(**config)
-
-
-def _with_sync_callback(callbacks, model):
-  """`callbacks` (None, a list or a CallbackList) with a
-  `replica_statistics.SyncCallback` first."""
-  if isinstance(callbacks, keras.callbacks.CallbackList):
-    if not any(isinstance(c, replica_statistics.SyncCallback)
-               for c in callbacks.callbacks):
-      callback = replica_statistics.SyncCallback()
-      callback.set_model(model)
-      callbacks.callbacks.insert(0, callback)
-    return callbacks
-  callbacks = list(callbacks or [])
-  if not any(isinstance(c, replica_statistics.SyncCallback)
-             for c in callbacks):
-    callbacks.insert(0, replica_statistics.SyncCallback())
-  return callbacks
 
 
 def _plain(x):
@@ -574,7 +449,7 @@ def inference_model(backbone):
   with dual_batch_norm.main_only():
     clone = backbone.__class__.from_config(backbone.get_config())
   shape = _input_shape(backbone)
-  clone(tf.zeros((1,) + tuple(shape[1:]), tf.float32), training=False)
+  clone(ops.zeros((1,) + tuple(shape[1:]), "float32"), training=False)
   source = [v for v in backbone.weights
             if not dual_batch_norm.is_auxiliary(v)]
   if len(source) != len(clone.weights):
@@ -600,3 +475,43 @@ def _input_shape(model):
     raise ValueError(
         f"Cannot tell the input shape of backbone {model.name!r}; call it on "
         "a batch first.") from err
+
+
+def per_example_loss(model, y, logits):
+  """The compiled loss per example, float32 [B], plus `model.losses`.
+
+  Uses the compiled `keras.losses.Loss`'s `call` (its per-sample values,
+  before any reduction), times the compiled loss weight. None if no loss
+  was compiled.
+  """
+  compile_loss = model._compile_loss  # pylint: disable=protected-access
+  if compile_loss is None:
+    return None
+  if not compile_loss.built:
+    compile_loss.build(y, logits)
+  flat = compile_loss._flat_losses  # pylint: disable=protected-access
+  if len(flat) != 1:
+    raise ValueError("ConAdvModel has one output and takes one compiled "
+                     f"loss, got {len(flat)}.")
+  loss_fn, loss_weight = flat[0].loss, flat[0].loss_weights
+  values = loss_fn.call(ops.cast(y, loss_fn.dtype),
+                        ops.cast(logits, loss_fn.dtype))
+  values = ops.cast(values, "float32")
+  if len(values.shape) > 1:
+    values = ops.mean(values, axis=list(range(1, len(values.shape))))
+  if loss_weight is not None:
+    values = values * float(loss_weight)
+  if model.losses:
+    values = values + _sum([ops.sum(ops.cast(l, "float32"))
+                            for l in model.losses])
+  return values
+
+
+def _sum(tensors):
+  """Sum of a non-empty list of tensors (`tf.add_n` on TensorFlow)."""
+  if backends.is_tensorflow():
+    return backends.impl().add_n(tensors)
+  total = tensors[0]
+  for t in tensors[1:]:
+    total = total + t
+  return total

@@ -58,7 +58,12 @@ import threading
 
 import keras
 from keras import ops
-import tensorflow as tf
+
+from official_conadv import backends
+
+# The fused kernel is TensorFlow's (used on that backend only); imported on
+# first use, so the JAX path never loads TensorFlow.
+tf = backends.LazyModule("tensorflow")
 
 MAIN = "main"
 ADV = "adv"

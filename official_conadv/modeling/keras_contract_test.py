@@ -24,6 +24,7 @@ import pytest
 import tensorflow as tf
 
 from official_conadv import distribute_utils
+from official_conadv.backends import tensorflow_ops
 from official_conadv.adversarial import attacks
 from official_conadv.modeling import conadv_model
 from official_conadv.modeling import resnet
@@ -679,7 +680,7 @@ def test_replicas_draw_their_own_attack_noise_and_targets(monkeypatch):
   replicas' x_adv - x differ (their noise is not shared), with targeted=True
   their random wrong labels differ; the same (step, replica) gives
   identical values again and another step other values. Patching
-  `conadv_model._replica_id` to 0 (every replica folds in replica 0: shared
+  `backends.tensorflow_ops.replica_id` to 0 (every replica folds in replica 0: shared
   noise and targets) makes the replicas equal, so these checks detect it."""
   strategy = strategies.get("mirrored")
   x4, y4 = _small_data()
@@ -727,7 +728,7 @@ def test_replicas_draw_their_own_attack_noise_and_targets(monkeypatch):
 
   # The checks above detect shared random numbers: with every replica
   # folding in replica 0, the replicas agree exactly.
-  monkeypatch.setattr(conadv_model, "_replica_id",
+  monkeypatch.setattr(tensorflow_ops, "replica_id",
                       lambda: tf.constant(0, tf.int32))
   shared = _attack_per_replica(noisy, images, labels, step=0)
   np.testing.assert_array_equal(shared[0], shared[1])

@@ -53,7 +53,6 @@ from typing import List, Optional, Tuple
 
 import keras
 from keras import ops
-import tensorflow as tf
 
 
 _MISSING = object()
@@ -95,7 +94,7 @@ def averaged_weights(model):
     return
   pairs = weight_average_pairs(optimizer)
   # Reads are snapshots: the assigns below do not change these tensors.
-  raw = [tf.identity(v.value) for v, _ in pairs]
+  raw = [ops.copy(v.value) for v, _ in pairs]
   for variable, average in pairs:
     variable.assign(average.value)
   try:

@@ -93,7 +93,6 @@ from typing import Optional, Sequence, Tuple
 
 import keras
 from keras import ops
-import tensorflow as tf
 
 from official_conadv.optimization import ema
 
@@ -281,8 +280,10 @@ class LARS(ema.AverageWarmup, keras.optimizers.Optimizer):
     """One LARS update of `variable` (a Keras or per-device TF variable)."""
     index = self._get_variable_index(variable)
     dtype = variable.dtype
-    if isinstance(gradient, tf.IndexedSlices):
-      gradient = tf.convert_to_tensor(gradient)
+    if keras.backend.backend() == "tensorflow":
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      if isinstance(gradient, tf.IndexedSlices):
+        gradient = tf.convert_to_tensor(gradient)
     lr = ops.cast(learning_rate, dtype)
     g = ops.cast(gradient, dtype)
     w = ops.convert_to_tensor(variable)
