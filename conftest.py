@@ -17,14 +17,32 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # Results do not depend on it: tests compare runs of one configuration.
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
+# Two suites: the TensorFlow one (the default) and the JAX one
+# (`KERAS_BACKEND=jax`, files named *_jax_test.py; `make test` runs both, one
+# after the other). Keras fixes its backend at import, so a process serves
+# one suite; the JAX suite never imports TensorFlow (it is not even
+# installed on JAX-only machines).
+JAX_SUITE = os.environ.get("KERAS_BACKEND") == "jax"
 
-_cpus = tf.config.list_physical_devices("CPU")
-try:
-  tf.config.set_logical_device_configuration(
-      _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-except RuntimeError:  # Runtime already started (e.g. a plugin ran TF ops).
-  pass
+if not JAX_SUITE:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  _cpus = tf.config.list_physical_devices("CPU")
+  try:
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+  except RuntimeError:  # Runtime already started (e.g. a plugin ran TF ops).
+    pass
+
+
+def pytest_ignore_collect(collection_path, config):
+  """Each suite collects its own test files (see JAX_SUITE)."""
+  del config
+  name = collection_path.name
+  if collection_path.suffix == ".py" and name.endswith("_test.py"):
+    if name.endswith("_jax_test.py") != JAX_SUITE:
+      return True
+  return None
 
 
 # `make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder`:

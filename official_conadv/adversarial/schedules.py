@@ -278,9 +278,18 @@ def trainable_weights(backbone) -> List:
 
 def _track_variables(model, variables):
   """Adds `variables` to `model.weights` (non-trainable), as `add_weight`
-  would; `add_weight` cannot make ON_READ variables."""
-  for v in variables:
-    model._track_variable(v)  # pylint: disable=protected-access
+  would; `add_weight` cannot make ON_READ variables. Also after `build`
+  (the JAX lookahead queue), when Keras has locked the model's state."""
+  tracker = model._tracker  # pylint: disable=protected-access
+  locked = tracker.locked
+  if locked:
+    tracker.unlock()
+  try:
+    for v in variables:
+      model._track_variable(v)  # pylint: disable=protected-access
+  finally:
+    if locked:
+      tracker.lock()
 
 
 def _per_replica_variable(model, shape, dtype, name):
@@ -517,7 +526,11 @@ class Lookahead(Schedule):
             "Keras weight files do not hold the queue (it exists once a "
             "batch was seen); on JAX, resume a saved run with "
             "schedule='delayed' (the same weights for the same data).")
-      self.queue = Slots(make(), self.tau)
+      # The queue travels in the model's state (a JAX step returns its new
+      # values), so on JAX it is a model weight, made by the first `fit`.
+      variables = make()
+      _track_variables(model, variables)
+      self.queue = Slots(variables, self.tau)
       return
     with model.distribute_strategy.scope():
       variables = make()

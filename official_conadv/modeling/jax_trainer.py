@@ -75,6 +75,20 @@ class JaxTrainer:
     finally:
       self._evaluating = previous
 
+  def load_own_variables(self, store):
+    """Keras' loading of the model's own weights (`load_model`,
+    `load_weights`). On JAX the lookahead queue is a model weight once the
+    first `fit` made it, so a saved lookahead model's file holds it after
+    the "filled" flag: the queue is made here from the stored shapes, then
+    Keras loads every value, and `fit` continues exactly."""
+    schedule = self.schedule
+    own = len(self._trainable_variables) + len(self._non_trainable_variables)
+    if (schedule is not None and schedule.input_offset and
+        schedule.queue is None and len(store.keys()) == own + 3 * schedule.tau):
+      # Slot 0 holds (x, x_adv, y).
+      schedule.make_queue((store[str(own)], store[str(own + 2)]))
+    super().load_own_variables(store)
+
   # ----------------------------------------------------------------- steps
   def _state_groups(self, with_optimizer=True):
     groups = [self.trainable_variables, self.non_trainable_variables]
@@ -186,7 +200,7 @@ class JaxTrainer:
       raise ValueError("schedule='lookahead': pass fit's arguments after "
                        "batch_size by keyword.")
     for key in ("validation_split", "sample_weight", "class_weight"):
-      if kwargs.get(key):
+      if kwargs.get(key) is not None:
         raise ValueError(f"schedule='lookahead' on JAX does not take "
                          f"`{key}`.")
     position = (int(schedules.micro_step(self.optimizer))
