@@ -45,8 +45,11 @@ venv: $(STAMP)
 # 2-replica Mirrored checks are for the 2 logical CPUs that conftest.py makes.
 # Whole files per worker, longest first (conftest.py's FILE_SECONDS) instead
 # of xdist's order by number of tests, so both workers finish together.
+# Then the JAX suite (*_jax_test.py) in its own processes on Keras' JAX
+# backend (conftest.py: a process serves one backend).
 test: $(STAMP)
 	$(CPU_ONLY) $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder official_conadv benchmarks experiments
+	$(CPU_ONLY) KERAS_BACKEND=jax $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder official_conadv benchmarks experiments
 
 train: $(STAMP)
 	$(PY) -m official_conadv.train --experiment=mnist_resnet_conadv --model_dir=runs/mnist_resnet_conadv $(TRAIN_FLAGS)
