@@ -461,7 +461,9 @@ def inference_model(backbone):
     if tuple(src.shape) != tuple(dst.shape):
       raise ValueError(f"Weight mismatch exporting {src.path}: "
                        f"{src.shape} vs {dst.path} {dst.shape}.")
-    dst.assign(src)
+    # A copy (on JAX an assigned array is shared, and training the backbone
+    # donates its buffers).
+    dst.assign(ops.copy(ops.convert_to_tensor(src)))
   return clone
 
 

@@ -356,7 +356,10 @@ def _assign(values, variables, name):
         f"{[tuple(v.shape) for v in values]}. Its class must rebuild the "
         "same variables from its config.")
   for value, variable in zip(values, variables):
-    variable.assign(value)
+    # A copy: on JAX an assigned array is shared, not copied, and `fit`
+    # donates (frees) its state's buffers, so two variables must never
+    # hold one array.
+    variable.assign(ops.copy(ops.convert_to_tensor(value)))
 
 
 def _is_softmax(activation):

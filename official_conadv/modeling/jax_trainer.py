@@ -259,10 +259,15 @@ def lookahead_stream(model, x, y, batch_size, shuffle, position):
   if not schedule.filled:
     schedule.make_queue(first)
     theta = [v.value for v in model.backbone.trainable_variables]
+    # Compiled once for every slot (the step is an argument), as the train
+    # step compiles the attack.
+    attack = jax.jit(lambda theta, images, labels, step:
+                     model.adversarial_examples(images, labels, step,
+                                                weights=theta))
     for slot in range(schedule.tau):
       images, labels = (ops.convert_to_tensor(t) for t in batch_at(slot))
-      x_adv = model.adversarial_examples(images, labels, slot,
-                                         weights=theta)
+      x_adv = attack(theta, images, labels,
+                     ops.convert_to_tensor(slot, schedules.step_dtype()))
       schedule.queue.write(slot, (images, x_adv, labels))
     schedule.ready.assign(1)
   elif schedule.queue is None:
