@@ -78,6 +78,12 @@ FILE_SECONDS = {
     "official_conadv/optimization/ema_test.py": 25,
     "official_conadv/distribute_utils_test.py": 23,
     "official_conadv/train_lib_test.py": 21,
+    # The JAX suite (KERAS_BACKEND=jax).
+    "official_conadv/modeling/no_tensorflow_jax_test.py": 190,
+    "official_conadv/modeling/jax_trainer_jax_test.py": 100,
+    "benchmarks/backend_step_time_jax_test.py": 70,
+    "official_conadv/modeling/data_parallel_jax_test.py": 66,
+    "official_conadv/modeling/cross_backend_jax_test.py": 45,
 }
 
 

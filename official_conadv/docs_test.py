@@ -92,6 +92,8 @@ def _defined_flags(path):
   sibling modules it adopts), read from source."""
   text = _read(path)
   names = set(re.findall(r"DEFINE_[a-z_]+\(\s*\"([a-z0-9_]+)\"", text))
+  # argparse scripts (benchmarks/backend_step_time.py runs without absl).
+  names |= set(re.findall(r"add_argument\(\s*\"--([a-z0-9_]+)\"", text))
   adopted = set(re.findall(r"adopt_module_key_flags\((\w+)\)", text))
   # Sibling modules imported at the top define their flags on import.
   adopted |= set(re.findall(r"^from benchmarks import (\w+)", text,
