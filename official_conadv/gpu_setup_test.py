@@ -179,8 +179,11 @@ def _make(args, venv, cuda_visible_devices=None):
 def test_make_test_and_rehearse_hide_gpus_train_sees_them(tmp_path, caller):
   venv = _fake_venv(tmp_path)
   stamp = ["-s", "-o", f"{venv}/.installed"]  # Quiet; no venv build.
-  (test_run,) = _make(stamp + ["test"], venv, caller)
-  assert test_run.startswith("CVD= ARGS=-m pytest ")
+  # The TensorFlow suite, then the JAX suite: both without GPUs.
+  test_runs = _make(stamp + ["test"], venv, caller)
+  assert len(test_runs) == 2
+  for test_run in test_runs:
+    assert test_run.startswith("CVD= ARGS=-m pytest ")
   rehearsal = _make(stamp + ["rehearse"], venv, caller)
   assert [l.split(" ARGS=")[0] for l in rehearsal] == ["CVD=", "CVD="]
   assert [l.split("--replicas=")[1][0] for l in rehearsal] == ["1", "2"]
@@ -222,7 +225,10 @@ def test_make_venv_gpu_installs_requirements_gpu(tmp_path):
   assert _make(["-n", "test"], venv) == [
       f"CUDA_VISIBLE_DEVICES= {venv}/bin/python -m pytest -q -n 2 --dist "
       "loadfile --no-loadscope-reorder official_conadv benchmarks "
-      "experiments"]
+      "experiments",
+      f"CUDA_VISIBLE_DEVICES= KERAS_BACKEND=jax {venv}/bin/python -m pytest "
+      "-q -n 2 --dist loadfile --no-loadscope-reorder official_conadv "
+      "benchmarks experiments"]
 
 
 def test_make_test_hands_out_the_longest_files_first():
