@@ -173,7 +173,9 @@ def _meta(args):
   import platform  # pylint: disable=g-import-not-at-top
   return {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
           "processor": platform.processor(), "cpus": os.cpu_count(),
-          "config": {k: v for k, v in vars(args).items() if k != "worker"}}
+          # Not the output path (a machine's own folder).
+          "config": {k: v for k, v in vars(args).items()
+                     if k not in ("worker", "output")}}
 
 
 def run_single(args):

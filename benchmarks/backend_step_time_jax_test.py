@@ -60,6 +60,7 @@ def test_tiny_jax_run_without_tensorflow(tmp_path):
   assert "jax (1 device(s)), ResNet-18" in done.stdout
   result = json.loads(out.read_text())
   assert result["backend"] == "jax"
+  assert "output" not in result["config"]  # No machine path in the data.
   assert set(result["results"]) == {"baseline", "lookahead"}
   assert result["results"]["baseline"]["ratio_to_baseline"] == 1.0
   assert result["results"]["lookahead"]["images_per_s"] > 0

@@ -671,16 +671,10 @@ class Lookahead(Schedule):
           "schedule='lookahead' trains from a batched tf.data.Dataset of "
           "(images, labels) or numpy arrays x, y with batch_size; got "
           f"{type(x).__name__}.")
-    batch_size = int(batch_size or 32)
-    if len(y) != len(x):
-      raise ValueError(f"x has {len(x)} examples but y has {len(y)}.")
-    if len(x) % batch_size or not len(x):
-      raise ValueError(
-          f"schedule='lookahead' trains on full batches: {len(x)} examples "
-          f"are not a multiple of batch_size={batch_size}.")
+    batch_size, per_epoch = full_batches(x, y, batch_size)
     self._start(_epochs(x, y, batch_size, shuffle, self.adversary.seed, 0))
     return (_epochs(x, y, batch_size, shuffle, self.adversary.seed,
-                    position + self.tau), len(x) // batch_size)
+                    position + self.tau), per_epoch)
 
   def _start(self, data):
     """Fills the queue from `data` on the first `fit`, or (restored) makes
@@ -705,6 +699,20 @@ class Lookahead(Schedule):
     if self.ready is not None:
       children["lookahead_queue_ready"] = self.ready
     return children
+
+
+def full_batches(x, y, batch_size):
+  """(batch_size, batches per epoch) of numpy arrays `x`, `y` fed to the
+  lookahead queue (both backends): one-line errors unless they hold equally
+  many examples, a non-zero multiple of `batch_size` (None: Keras' 32)."""
+  batch_size = int(batch_size or 32)
+  if len(y) != len(x):
+    raise ValueError(f"x has {len(x)} examples but y has {len(y)}.")
+  if len(x) % batch_size or not len(x):
+    raise ValueError(
+        f"schedule='lookahead' trains on full batches: {len(x)} examples "
+        f"are not a multiple of batch_size={batch_size}.")
+  return batch_size, len(x) // batch_size
 
 
 def _epochs(x, y, batch_size, shuffle, seed, position):

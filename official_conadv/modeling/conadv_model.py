@@ -317,13 +317,13 @@ class ConAdvModel(_trainer(), keras.Model):
       routes.append(("aug", AUG, batch.aug))
     return routes
 
-  def _examples(self, x, y, sample_weight):
-    """(TrainingBatch, x_adv or None) of this step: the schedule's."""
+  def _examples(self, x, y, sample_weight, step):
+    """(TrainingBatch, x_adv or None) of micro-step `step`: the
+    schedule's."""
     batch, x_adv = self._training_batch(x, y), None
     if self.schedule is not None:
       if self.schedule.input_offset:
         schedules.check_plain(x, sample_weight)
-      step = schedules.micro_step(self.optimizer)
       batch, x_adv = self.schedule.examples(self, batch, step)
     return batch, x_adv
 
@@ -373,6 +373,26 @@ class ConAdvModel(_trainer(), keras.Model):
       # (Keras gives sample_weight only to `weighted_metrics`).
       for metric in compile_metrics.metrics:
         metric.update_state(y, logits, sample_weight=weights)
+
+  _evaluating = False  # True inside `evaluate` (see get_metrics_result).
+
+  def get_metrics_result(self):
+    """Metric results of the current phase (`fit` or `evaluate`; on
+    TensorFlow read in the cross-replica context, every metric aggregated
+    over replicas). Keras ends `fit` epochs and `evaluate` with this method
+    only when its keys equal the step logs' keys, otherwise it keeps the
+    last step's (per-replica) logs, wrong for weighted sums; this model's
+    logs differ by phase."""
+    return self._logs(training=not self._evaluating)
+
+  def evaluate(self, *args, **kwargs):
+    """`keras.Model.evaluate` (logs: see the class docstring); on
+    TensorFlow after `sync_moving_statistics`."""
+    previous, self._evaluating = self._evaluating, True
+    try:
+      return super().evaluate(*args, **kwargs)
+    finally:
+      self._evaluating = previous
 
   def _logs(self, training):
     """The metric results of one phase: training shows the branch trackers

@@ -12,16 +12,9 @@ The devices are 2 host CPUs (XLA_FLAGS=--xla_force_host_platform_device_count=2,
 set before JAX starts, hence a subprocess).
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
-import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+from official_conadv.testing import backend_runs
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -83,15 +76,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_two_devices_equal_one_device_with_global_batch_semantics():
-  env = dict(os.environ, KERAS_BACKEND="jax",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  done = subprocess.run([sys.executable, "-c", SCRIPT], env=env,
-                        capture_output=True, text=True, timeout=900,
-                        check=False, cwd=ROOT)
-  assert done.returncode == 0, done.stderr[-4000:]
-  line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-  result = json.loads(line[-1][len("RESULT "):])
+  result = backend_runs.run_jax_script(
+      SCRIPT, xla_flags="--xla_force_host_platform_device_count=2")
   print(result)
   noise = result.pop("noise")
   for case, run in result.items():

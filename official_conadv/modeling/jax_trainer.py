@@ -47,8 +47,6 @@ from official_conadv.modeling import dual_batch_norm
 class JaxTrainer:
   """The JAX steps of `ConAdvModel` (see its docstring and the module's)."""
 
-  _evaluating = False  # True inside `evaluate` (see get_metrics_result).
-
   def _build_scope(self):
     return None  # No strategy scopes on JAX.
 
@@ -63,17 +61,6 @@ class JaxTrainer:
     """Nothing to do on JAX: one program holds one set of statistics
     (module docstring). Returns 0, as TensorFlow with one replica."""
     return 0
-
-  def get_metrics_result(self):
-    """Metric results of the current phase (`fit` or `evaluate`)."""
-    return self._logs(training=not self._evaluating)
-
-  def evaluate(self, *args, **kwargs):
-    previous, self._evaluating = self._evaluating, True
-    try:
-      return super().evaluate(*args, **kwargs)
-    finally:
-      self._evaluating = previous
 
   def load_own_variables(self, store):
     """Keras' loading of the model's own weights (`load_model`,
@@ -104,7 +91,7 @@ class JaxTrainer:
     backbone = self.backbone
     with keras.StatelessScope(state_mapping=mapping) as scope:
       step = schedules.micro_step(self.optimizer)
-      batch, x_adv = self._examples(x, y, sample_weight)
+      batch, x_adv = self._examples(x, y, sample_weight, step)
       y = batch.labels
       routes = self._routes(batch, x_adv)
       theta = [scope.get_current_value(v)
@@ -230,21 +217,13 @@ def lookahead_stream(model, x, y, batch_size, shuffle, position):
     raise ValueError(
         "schedule='lookahead' on JAX trains from numpy arrays x, y with "
         f"batch_size; got {type(x).__name__}.")
-  schedules.check_plain(x, None)
   # As Keras feeds numpy arrays on JAX: float images in floatx, int labels
   # in int32 (no 64-bit types by default).
   if np.issubdtype(x.dtype, np.floating):
     x = x.astype(keras.config.floatx())
   if np.issubdtype(y.dtype, np.integer):
     y = y.astype(np.int32)
-  batch_size = int(batch_size or 32)
-  if len(y) != len(x):
-    raise ValueError(f"x has {len(x)} examples but y has {len(y)}.")
-  if len(x) % batch_size or not len(x):
-    raise ValueError(
-        f"schedule='lookahead' trains on full batches: {len(x)} examples "
-        f"are not a multiple of batch_size={batch_size}.")
-  per_epoch = len(x) // batch_size
+  batch_size, per_epoch = schedules.full_batches(x, y, batch_size)
   seed = schedule.adversary.seed
 
   def batch_at(index):

@@ -14,15 +14,10 @@ names it relies on, so an upgrade that moves them fails loudly:
 * `ModelWorkarounds._trackable_children`: Keras keeps layers and weights
   held in Python lists in `TrackedList`s that `tf.train.Checkpoint` does not
   traverse (keras-team/keras#18398); checkpoints then silently miss them.
-* `ModelWorkarounds.get_metrics_result`: Keras ends `fit` epochs and
-  `evaluate` with this method only when its keys equal the step logs' keys,
-  otherwise it keeps the last step's per-replica logs (wrong for weighted
-  sums); the model's logs differ by phase.
-* `per_example_loss`: the compiled loss per example (Keras' `CompileLoss`
-  exposes only the reduced loss).
-* `track_variables`, `restore_deferred`: variables made by a schedule
-  become model weights; a `tf.train.Checkpoint` restored before they exist
-  keeps their values as deferred dependencies.
+* The phase-dependent `get_metrics_result` and the compiled loss per
+  example serve both backends and live in `conadv_model.py`.
+* `restore_deferred`: a `tf.train.Checkpoint` restored before a
+  schedule's variables exist keeps their values as deferred dependencies.
 """
 
 import keras
@@ -35,14 +30,6 @@ from keras.src.losses import loss as keras_loss_module
 from official_conadv import keras_mwms_fix
 
 scale_loss_for_distribution = keras_loss_module.scale_loss_for_distribution
-unscale_loss_for_distribution = keras_loss_module.unscale_loss_for_distribution
-
-
-def track_variables(model: keras.Model, variables):
-  """Adds `variables` to `model.weights` (non-trainable), as `add_weight`
-  would; `add_weight` cannot make ON_READ variables."""
-  for v in variables:
-    model._track_variable(v)  # pylint: disable=protected-access
 
 
 def restore_deferred(model, name: str, trackable) -> bool:
@@ -74,36 +61,6 @@ def regularization_loss(model) -> tf.Tensor:
     return tf.constant(0.0, tf.float32)
   total = tf.add_n([tf.reduce_sum(tf.cast(l, tf.float32)) for l in losses])
   return scale_loss_for_distribution(total)
-
-
-def per_example_loss(model, y, logits):
-  """The compiled loss per example, float32 [B], plus `model.losses`.
-
-  Uses the compiled `keras.losses.Loss`'s `call` (its per-sample values,
-  before any reduction), times the compiled loss weight. None if no loss
-  was compiled.
-  """
-  compile_loss = model._compile_loss  # pylint: disable=protected-access
-  if compile_loss is None:
-    return None
-  if not compile_loss.built:
-    compile_loss.build(y, logits)
-  flat = compile_loss._flat_losses  # pylint: disable=protected-access
-  if len(flat) != 1:
-    raise ValueError("ConAdvModel has one output and takes one compiled "
-                     f"loss, got {len(flat)}.")
-  loss_fn, loss_weight = flat[0].loss, flat[0].loss_weights
-  values = loss_fn.call(tf.cast(y, loss_fn.dtype),
-                        tf.cast(logits, loss_fn.dtype))
-  values = tf.cast(values, tf.float32)
-  if values.shape.rank is not None and values.shape.rank > 1:
-    values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
-  if loss_weight is not None:
-    values = values * float(loss_weight)
-  if model.losses:
-    values = values + tf.add_n(
-        [tf.reduce_sum(tf.cast(l, tf.float32)) for l in model.losses])
-  return values
 
 
 def element_spec(epoch_iterator):
@@ -141,8 +98,6 @@ class ModelWorkarounds:
   The model provides `backbone` and `_build_extra_checkpoint_children()`
   (its own non-layer state) and `_logs(training)`.
   """
-
-  _evaluating = False  # True inside `evaluate` (see get_metrics_result).
 
   def _fully_built(self):
     """Model, compiled loss and metrics, and optimizer all built."""
@@ -215,19 +170,6 @@ class ModelWorkarounds:
   def make_test_function(self, force=False):
     keras_mwms_fix.apply_for(self.distribute_strategy)
     return super().make_test_function(force=force)
-
-  def get_metrics_result(self):
-    """Metric results of the current phase (`fit` or `evaluate`), read in
-    the cross-replica context (every metric aggregated over replicas)."""
-    return self._logs(training=not self._evaluating)
-
-  def evaluate(self, *args, **kwargs):
-    """`keras.Model.evaluate`; see the model's docstring for the logs."""
-    previous, self._evaluating = self._evaluating, True
-    try:
-      return super().evaluate(*args, **kwargs)
-    finally:
-      self._evaluating = previous
 
   def _trackable_children(self, save_type="checkpoint", **kwargs):
     """Adds every backbone weight (keyed by position, not `variable.path`:

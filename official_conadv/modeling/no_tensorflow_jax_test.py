@@ -1,16 +1,11 @@
 """The JAX path never imports TensorFlow: every model kind through compile,
 fit, evaluate, predict and inference_model with TensorFlow unimportable."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+from official_conadv.testing import backend_runs
 
 
 # Runs with TensorFlow made unimportable: every model kind through compile,
@@ -89,15 +84,7 @@ def test_jax_path_never_imports_tensorflow():
   keras.applications model (lookahead), all dual BN with PGD-2 and LARS,
   train, evaluate, predict and export with TensorFlow unimportable, and no
   tensorflow module gets loaded."""
-  env = dict(os.environ, KERAS_BACKEND="jax",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env.pop("XLA_FLAGS", None)
-  done = subprocess.run([sys.executable, "-c", NO_TENSORFLOW], env=env,
-                        capture_output=True, text=True, timeout=900,
-                        check=False, cwd=ROOT)
-  assert done.returncode == 0, done.stderr[-4000:]
-  line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-  result = json.loads(line[-1][len("RESULT "):])
+  result = backend_runs.run_jax_script(NO_TENSORFLOW)
   assert result.pop("tensorflow_loaded") == []
   assert len(result) == 4
   for name, run in result.items():

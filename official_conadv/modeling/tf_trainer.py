@@ -50,7 +50,7 @@ class TensorFlowTrainer(keras_compat.ModelWorkarounds):
     if not self.built:  # Keras defers building to here without a strategy.
       self.build(tuple(_plain_shape(x)))
     step = schedules.micro_step(self.optimizer)
-    batch, x_adv = self._examples(x, y, sample_weight)
+    batch, x_adv = self._examples(x, y, sample_weight, step)
     y = batch.labels
 
     logs = {}  # branch name -> (logits, loss), losses scaled by 1/replicas.

@@ -15,6 +15,10 @@ CLI: `KERAS_BACKEND=tensorflow python -m official_conadv.testing.backend_runs
 """
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -137,6 +141,27 @@ def unflatten(arrays, prefix):
       s, i = map(int, key[len(prefix) + 1:].split("/"))
       steps.setdefault(s, {})[i] = value
   return [[ws[i] for i in sorted(ws)] for _, ws in sorted(steps.items())]
+
+
+def run_jax_script(code, xla_flags=None, timeout=900):
+  """Runs `code` in a new Python on Keras' JAX backend (the repository on
+  PYTHONPATH, XLA_FLAGS set to `xla_flags` or unset) and returns the JSON
+  it printed after "RESULT " (its last such line). AssertionError with the
+  end of its stderr if it fails."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  env = dict(os.environ, KERAS_BACKEND="jax",
+             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop("XLA_FLAGS", None)
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
+  done = subprocess.run([sys.executable, "-c", code], env=env,
+                        capture_output=True, text=True, timeout=timeout,
+                        check=False, cwd=root)
+  assert done.returncode == 0, done.stderr[-4000:]
+  lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+  assert lines, done.stdout[-2000:]
+  return json.loads(lines[-1][len("RESULT "):])
 
 
 def main():
